@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`; `make lab` opens the notebooks.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch first and pinned: the CPU build on this kind of machine's disk; an unpinned torch
+# would pull a multi-GB CUDA build. Override e.g. TORCH_SPEC="torch" on a GPU machine.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test lab bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m ooc_moe demo
+
+# the whole suite: unit, property and integration tests, and every notebook (quick mode)
+test: $(VENV)/.installed
+	OOC_MOE_QUICK=1 $(PY) -m pytest --nbmake --nbmake-timeout=600
+
+bench: $(VENV)/.installed
+	$(PY) -m ooc_moe bench all
+
+lab: $(VENV)/.installed
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,7 @@
+"""The tiered expert store: a file, a DRAM slot pool and an HBM slot pool."""
+
+from .layout import Expert, RecordLayout
+from .stats import StoreStats
+from .tiered_store import TieredExpertStore, TransferError
+
+__all__ = ["Expert", "RecordLayout", "StoreStats", "TieredExpertStore", "TransferError"]

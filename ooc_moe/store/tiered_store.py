@@ -1,0 +1,488 @@
+"""``TieredExpertStore``: MoE experts kept across HBM, pinned DRAM and a file on disk.
+
+Every expert is one record (see ``layout.py``) in a real file, the authoritative copy. Two
+fixed slot pools cache records: ``dram_capacity`` rows of host memory (pinned when CUDA is
+present) and ``hbm_capacity`` rows on the compute device (on the CPU when there is no GPU, so
+every code path runs everywhere). The hierarchy is *inclusive*: an expert in HBM also has a
+DRAM slot, so ``dram_capacity >= hbm_capacity`` is required. Each tier evicts its least
+recently used expert that may leave it (not in use, and for DRAM not in HBM); dirty copies are
+written down on eviction, clean ones just lose their slot.
+
+``get_experts`` returns views of HBM slots; ``prefetch`` plans the same moves and hands them to
+a background worker (see ``transfer.py``), returning at once. Which expert goes where is
+decided at call time under one lock, so the counters are a deterministic function of the calls.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from collections import Counter, OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .file_tier import ExpertFile, FileMeta, dtype_name
+from .layout import Expert, RecordLayout
+from .residency import TierMap
+from .stats import StoreStats
+from .transfer import Move, TransferEngine, make_copies
+
+__all__ = ["TieredExpertStore", "TransferError"]
+
+
+class TransferError(RuntimeError):
+    """A background transfer failed. No record was lost; the store has recovered."""
+
+
+def _check_capacities(num_experts: int, hbm_capacity: int, dram_capacity: int) -> None:
+    for name, value in (("hbm_capacity", hbm_capacity), ("dram_capacity", dram_capacity)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if value > num_experts:
+            raise ValueError(f"{name}={value} is larger than num_experts={num_experts}; "
+                             f"use at most {num_experts} slots")
+    if dram_capacity < hbm_capacity:
+        raise ValueError(f"dram_capacity={dram_capacity} < hbm_capacity={hbm_capacity}: the "
+                         "hierarchy is inclusive (every HBM expert keeps a DRAM slot), so DRAM "
+                         "must hold at least as many experts as HBM; raise dram_capacity")
+
+
+class TieredExpertStore:
+    """A three-tier (HBM / DRAM / file) store of ``num_experts`` FFN experts.
+
+    Args:
+        num_experts, expert_dim, hidden_dim: expert count and FFN shape
+            (``w1 [hidden, dim], b1 [hidden], w2 [dim, hidden], b2 [dim]``).
+        hbm_capacity, dram_capacity: slots in the device and host pools.
+        device: compute device; None = CUDA if available, else CPU.
+        path: directory for ``experts.bin``/``experts.json``; None = a temporary directory,
+            removed by ``shutdown()``. Point it at an NVMe disk for real out-of-core runs.
+        dtype: record dtype. seed: initialisation seed (weights N(0, 0.02^2), biases 0).
+        overwrite: replace an expert file already in ``path`` (otherwise an error).
+    """
+
+    def __init__(self, num_experts: int, expert_dim: int, hidden_dim: int,
+                 hbm_capacity: int = 32, dram_capacity: int = 128,
+                 device: str | torch.device | None = None, *, path: str | os.PathLike | None = None,
+                 dtype: torch.dtype = torch.float32, seed: int = 0,
+                 overwrite: bool = False) -> None:
+        for name, value in (("num_experts", num_experts), ("expert_dim", expert_dim),
+                            ("hidden_dim", hidden_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        _check_capacities(num_experts, hbm_capacity, dram_capacity)
+        layout = RecordLayout(expert_dim, hidden_dim)
+        meta = FileMeta(num_experts, expert_dim, hidden_dim, dtype_name(dtype), layout.numel)
+        tmpdir = tempfile.TemporaryDirectory(prefix="ooc-moe-") if path is None else None
+        file = ExpertFile.create(tmpdir.name if tmpdir else path, meta, overwrite=overwrite)
+        _write_initial_records(file, layout, dtype, seed)
+        self._setup(file, hbm_capacity, dram_capacity, device, tmpdir)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
+             hbm_capacity: int = 32, dram_capacity: int = 128,
+             num_experts: int | None = None, expert_dim: int | None = None,
+             hidden_dim: int | None = None, dtype: torch.dtype | None = None,
+             ) -> "TieredExpertStore":
+        """Reopen the store saved in ``path``. Shape/dtype arguments, when given, must match
+        the file (a mismatch raises ValueError naming both)."""
+        file = ExpertFile.open(path)
+        meta = file.meta
+        expected = {"num_experts": num_experts, "expert_dim": expert_dim,
+                    "hidden_dim": hidden_dim, "dtype": dtype and dtype_name(dtype)}
+        for name, want in expected.items():
+            if want is not None and getattr(meta, name) != want:
+                file.close()
+                raise ValueError(f"{Path(path)} holds {name}={getattr(meta, name)}, not {want}; "
+                                 "open it with matching arguments or create a new store")
+        if meta.record_numel != RecordLayout(meta.expert_dim, meta.hidden_dim).numel:
+            file.close()
+            raise ValueError(f"{path}: records of {meta.record_numel} elements do not match "
+                             "this version's expert layout")
+        try:
+            _check_capacities(meta.num_experts, hbm_capacity, dram_capacity)
+        except ValueError:
+            file.close()
+            raise
+        store = cls.__new__(cls)
+        store._setup(file, hbm_capacity, dram_capacity, device, None)
+        return store
+
+    def _setup(self, file: ExpertFile, hbm_capacity: int, dram_capacity: int,
+               device, tmpdir) -> None:
+        meta = file.meta
+        self.num_experts, self.expert_dim, self.hidden_dim = (
+            meta.num_experts, meta.expert_dim, meta.hidden_dim)
+        self.hbm_capacity, self.dram_capacity = hbm_capacity, dram_capacity
+        self.dtype = meta.torch_dtype
+        self.device = torch.device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.path = file.directory
+        self.layout = RecordLayout(meta.expert_dim, meta.hidden_dim)
+        self.record_bytes = meta.record_bytes
+        copies = make_copies(self.device, hbm_capacity)
+        # one allocation per pool: pinning per record (or per copy) is much slower
+        dram_pool = torch.empty(dram_capacity, self.layout.numel, dtype=self.dtype,
+                                pin_memory=copies.pin_memory)
+        hbm_pool = torch.empty(hbm_capacity, self.layout.numel, dtype=self.dtype,
+                               device=self.device)
+        self._copies = copies
+        self._file, self._tmpdir = file, tmpdir
+        self._plan = TierMap(hbm_capacity, dram_capacity)
+        self._engine = TransferEngine(hbm_pool, dram_pool, file, copies,
+                                      TierMap(hbm_capacity, dram_capacity))
+        self._hbm_lru: OrderedDict[int, None] = OrderedDict()
+        self._dram_lru: OrderedDict[int, None] = OrderedDict()
+        self._pins: Counter[int] = Counter()
+        self._in_use: tuple[int, ...] = ()        # last get_experts result, kept resident
+        self._prefetched = {"hbm": set(), "dram": set()}  # prefetched, not yet accessed
+        self._lock = threading.RLock()
+        self._closed = False
+        self.stats = StoreStats(bytes_moved=self._engine.bytes_moved)
+
+    # -- the public API -------------------------------------------------------------------
+    def get_experts(self, expert_ids: Iterable[int]) -> dict[int, Expert]:
+        """Make the experts resident in HBM and return ``{id: Expert}`` (views of HBM slots).
+
+        They stay resident at least until the next ``get_experts`` call (or while pinned).
+        Raises ValueError if more experts are needed at once than HBM holds.
+        """
+        ids = self._check_ids(expert_ids)
+        with self._lock:
+            self._check_usable()
+            needed = set(ids) | set(self._pins)
+            if len(needed) > self.hbm_capacity:
+                raise ValueError(
+                    f"this call needs {len(needed)} HBM slots ({len(ids)} requested, "
+                    f"{len(needed) - len(ids)} more pinned) but hbm_capacity is "
+                    f"{self.hbm_capacity}: request fewer experts at once (stream them in "
+                    "waves), unpin some, or raise hbm_capacity")
+            self._in_use = ()
+            moves: list[Move] = []
+            for e in ids:
+                self._count_access(e)
+                if e not in self._plan.hbm_of:
+                    moves += self._plan_into_hbm(e, protected=needed)
+                self._touch(e)
+            started = time.perf_counter()
+            self._run(moves, wait_for=[("hbm", self._plan.hbm_of[e]) for e in ids])
+            self.stats.seconds_blocked += time.perf_counter() - started
+            self._in_use = ids
+            return {e: self._expert(e) for e in ids}
+
+    def prefetch(self, expert_ids: Iterable[int], tier: str = "hbm") -> None:
+        """Start moving experts up to ``tier`` ("hbm" or "dram") in the background; return now.
+
+        Never evicts experts in use (the last ``get_experts`` result, pinned ones) or the
+        experts of this same call; requests that find no such slot are dropped and counted.
+        """
+        if tier not in ("hbm", "dram"):
+            raise ValueError(f"tier must be 'hbm' or 'dram', got {tier!r}")
+        ids = self._check_ids(expert_ids)
+        with self._lock:
+            self._check_usable()
+            protected = set(ids) | set(self._in_use) | set(self._pins)
+            for e in ids:
+                resident = self._plan.hbm_of if tier == "hbm" else self._plan.dram_of
+                if e in resident:
+                    self._touch(e, hbm=tier == "hbm")
+                    continue
+                if tier == "hbm":
+                    moves = self._plan_into_hbm(e, protected)
+                    if moves is None:
+                        self.stats.prefetches_dropped += 1
+                        continue
+                else:
+                    moves = self._plan_into_dram(e)
+                self._touch(e, hbm=tier == "hbm")
+                self._prefetched[tier].add(e)
+                self.stats.prefetches_issued += 1
+                self._engine.submit(moves, background=True)
+
+    def mark_dirty(self, expert_ids: Iterable[int]) -> None:
+        """Declare that the HBM copies of these experts were changed in place."""
+        ids = self._check_ids(expert_ids)
+        with self._lock:
+            self._check_usable()
+            missing = [e for e in ids if e not in self._plan.hbm_of]
+            if missing:
+                raise ValueError(f"experts {missing} are not in HBM; mark_dirty applies to "
+                                 "experts returned by get_experts (and still resident)")
+            self._run([], wait_for=[("hbm", self._plan.hbm_of[e]) for e in ids])
+            with self._engine.data_lock:
+                for e in ids:
+                    self._plan.hbm_dirty.add(e)
+                    self._engine.data.hbm_dirty.add(e)
+
+    def flush(self) -> None:
+        """Write every dirty record down to the file and make it durable (fsync)."""
+        with self._lock:
+            self._check_usable()
+            self._settle()
+            plan = self._plan
+            moves = [Move("write_down", e, plan.hbm_of[e], plan.dram_of[e])
+                     for e in sorted(plan.hbm_dirty)]
+            moves += [Move("write_back", e, None, plan.dram_of[e])
+                      for e in sorted(plan.dram_dirty | plan.hbm_dirty)]
+            for move in moves:
+                move.apply(plan)
+            self._run(moves, wait_for=[])
+            self._file.sync()
+
+    def synchronize(self) -> None:
+        """Wait until every prefetch issued so far has completed."""
+        with self._lock:
+            self._check_usable()
+            self._settle()
+
+    def read_expert(self, expert_id: int) -> dict[str, torch.Tensor]:
+        """The latest value of one expert as CPU tensors (a copy), wherever it lives."""
+        (e,) = self._check_ids([expert_id])
+        with self._lock:
+            self._check_usable()
+            self._settle()
+            plan = self._plan
+            if e in plan.hbm_of:
+                h = plan.hbm_of[e]
+                self._copies.wait_ready(h)
+                row = self._engine.hbm_pool[h].to("cpu", copy=True)
+            elif e in plan.dram_of:
+                row = self._engine.dram_pool[plan.dram_of[e]].clone()
+            else:
+                row = torch.empty(self.layout.numel, dtype=self.dtype)
+                self._file.read_into(e, row)
+            return self.layout.views(row)
+
+    def pin(self, expert_ids: Iterable[int]) -> dict[int, Expert]:
+        """``get_experts`` and keep the experts resident until ``unpin``."""
+        experts = self.get_experts(expert_ids)
+        with self._lock:
+            self._pins.update(experts)
+        return experts
+
+    def unpin(self, expert_ids: Iterable[int]) -> None:
+        ids = self._check_ids(expert_ids)
+        with self._lock:
+            unknown = [e for e in ids if not self._pins[e]]
+            if unknown:
+                raise ValueError(f"experts {unknown} are not pinned")
+            self._pins.subtract(ids)
+            self._pins = +self._pins
+
+    @contextmanager
+    def pinned(self, expert_ids: Iterable[int]) -> Iterator[dict[int, Expert]]:
+        """``with store.pinned(ids) as experts:`` keeps ``experts`` resident in the block."""
+        experts = self.pin(expert_ids)
+        try:
+            yield experts
+        finally:
+            self.unpin(list(experts))
+
+    def where(self, expert_id: int) -> str:
+        """The fastest tier holding the expert: "hbm", "dram" or "file"."""
+        plan = self._plan
+        return "hbm" if expert_id in plan.hbm_of else "dram" if expert_id in plan.dram_of \
+            else "file"
+
+    def get_stats_summary(self) -> dict:
+        """The prototype's keys (hit_rate, total_hits, ...) plus per-tier figures."""
+        s = self.stats
+        return {"hit_rate": s.hit_rate, "total_hits": s.hbm_hits, "total_misses": s.misses,
+                "evictions": s.hbm_evictions,
+                "hbm_occupancy": len(self._plan.hbm_of) / self.hbm_capacity,
+                "dram_occupancy": len(self._plan.dram_of) / self.dram_capacity,
+                **s.as_dict()}
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            for link in self._engine.bytes_moved:
+                self._engine.bytes_moved[link] = 0
+            self.stats = StoreStats(bytes_moved=self._engine.bytes_moved)
+
+    def shutdown(self) -> None:
+        """Flush dirty records, stop the worker and close the file (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self.flush()
+            finally:
+                self._closed = True
+                self._engine.close()
+                self._file.close()
+                if self._tmpdir is not None:
+                    self._tmpdir.cleanup()
+
+    def __enter__(self) -> "TieredExpertStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return (f"TieredExpertStore(num_experts={self.num_experts}, expert_dim="
+                f"{self.expert_dim}, hidden_dim={self.hidden_dim}, hbm_capacity="
+                f"{self.hbm_capacity}, dram_capacity={self.dram_capacity}, device="
+                f"'{self.device}', path='{self.path}')")
+
+    # -- planning (under the lock) ------------------------------------------------------------
+    def _plan_into_hbm(self, e: int, protected: set) -> list[Move] | None:
+        """Moves bringing ``e`` into HBM (through DRAM), or None if every slot is protected."""
+        plan, moves = self._plan, []
+        if len(plan.hbm_of) < self.hbm_capacity:
+            h = plan.hbm.index(None)
+        else:
+            victim = next((v for v in self._hbm_lru if v not in protected), None)
+            if victim is None:
+                return None
+            h = plan.hbm_of[victim]
+            if victim in plan.hbm_dirty:
+                moves.append(Move("write_down", victim, h, plan.dram_of[victim]))
+            moves.append(Move("drop_hbm", victim, h, None))
+            self._evicted(victim, "hbm")
+        for move in moves:
+            move.apply(plan)
+        if e not in plan.dram_of:
+            moves += self._plan_into_dram(e)
+        promote = Move("promote", e, h, plan.dram_of[e])
+        promote.apply(plan)
+        self._hbm_lru[e] = None
+        return moves + [promote]
+
+    def _plan_into_dram(self, e: int) -> list[Move]:
+        """Moves loading ``e`` from the file into DRAM (there is always a slot: see setup)."""
+        plan, moves = self._plan, []
+        if len(plan.dram_of) < self.dram_capacity:
+            d = plan.dram.index(None)
+        else:
+            # inclusive tiers and dram_capacity >= hbm_capacity: some DRAM expert is not in HBM
+            victim = next(v for v in self._dram_lru if v not in plan.hbm_of)
+            d = plan.dram_of[victim]
+            if victim in plan.dram_dirty:
+                moves.append(Move("write_back", victim, None, d))
+            moves.append(Move("drop_dram", victim, None, d))
+            self._evicted(victim, "dram")
+        moves.append(Move("load", e, None, d))
+        for move in moves:
+            move.apply(plan)
+        self._dram_lru[e] = None
+        return moves
+
+    def _evicted(self, e: int, tier: str) -> None:
+        (self._hbm_lru if tier == "hbm" else self._dram_lru).pop(e)
+        if tier == "hbm":
+            self.stats.hbm_evictions += 1
+        else:
+            self.stats.dram_evictions += 1
+        if e in self._prefetched[tier]:
+            self._prefetched[tier].discard(e)
+            self.stats.prefetches_wasted += 1
+
+    def _count_access(self, e: int) -> None:
+        s, plan = self.stats, self._plan
+        s.accesses += 1
+        if e in plan.hbm_of:
+            s.hbm_hits += 1
+            if e in self._prefetched["hbm"]:
+                s.prefetch_hits += 1
+        elif e in plan.dram_of:
+            s.dram_hits += 1
+        else:
+            s.file_reads += 1
+        for tier in ("hbm", "dram"):
+            if e in self._prefetched[tier]:
+                self._prefetched[tier].discard(e)
+                s.prefetches_used += 1
+
+    def _touch(self, e: int, hbm: bool = True) -> None:
+        """Mark ``e`` most recently used in the tiers that hold it."""
+        if hbm and e in self._hbm_lru:
+            self._hbm_lru.move_to_end(e)
+        if e in self._dram_lru:
+            self._dram_lru.move_to_end(e)
+
+    # -- running transfers and recovering from failed ones --------------------------------
+    def _run(self, moves: list[Move], wait_for: list) -> None:
+        """Run ``moves`` on this thread, then wait for in-flight transfers on ``wait_for``."""
+        try:
+            if moves:
+                self._engine.submit(moves, background=False)
+            for future in self._engine.pending_for(wait_for):
+                future.result()
+        except BaseException:
+            self._recover()
+            raise
+        for resource, slot in wait_for:
+            self._copies.wait_ready(slot)
+
+    def _settle(self) -> None:
+        """Wait for every transfer; surface (after recovering from) a background failure."""
+        self._engine.drain()
+        if self._engine.error is not None:
+            error = self._engine.error
+            self._recover()
+            raise TransferError(f"a background transfer failed ({error!r}); no record was "
+                                "lost and the store recovered: retry the call") from error
+        self._engine.forget_history()
+
+    def _recover(self) -> None:
+        """Reset the plan to what the slots really hold after a failed transfer."""
+        engine = self._engine
+        engine.drain()
+        engine.forget_history()
+        engine.error = None
+        with engine.data_lock:
+            self._plan = engine.data.copy()
+        for lru, resident in ((self._hbm_lru, self._plan.hbm_of),
+                              (self._dram_lru, self._plan.dram_of)):
+            order = [e for e in resident if e not in lru] + [e for e in lru if e in resident]
+            lru.clear()
+            lru.update(dict.fromkeys(order))
+        for tier, resident in (("hbm", self._plan.hbm_of), ("dram", self._plan.dram_of)):
+            self._prefetched[tier] &= set(resident)
+        self._in_use = ()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("this TieredExpertStore is shut down; reopen its file with "
+                               f"TieredExpertStore.open('{self.path}')")
+        if self._engine.error is not None:
+            self._settle()
+
+    def _check_ids(self, expert_ids: Iterable[int]) -> tuple[int, ...]:
+        if isinstance(expert_ids, torch.Tensor):
+            expert_ids = expert_ids.reshape(-1).tolist()
+        elif isinstance(expert_ids, int):
+            raise TypeError("expert ids must be a sequence of ints, e.g. [3], not a bare int")
+        ids = []
+        for e in expert_ids:
+            if isinstance(e, bool) or not hasattr(e, "__index__"):
+                raise TypeError(f"expert ids must be ints, got {e!r} ({type(e).__name__})")
+            e = int(e)
+            if not 0 <= e < self.num_experts:
+                raise ValueError(f"expert id {e} is out of range: this store has "
+                                 f"{self.num_experts} experts (ids 0..{self.num_experts - 1})")
+            ids.append(e)
+        return tuple(dict.fromkeys(ids))
+
+    def _expert(self, e: int) -> Expert:
+        return Expert(e, self._engine.hbm_pool[self._plan.hbm_of[e]], self.layout)
+
+
+def _write_initial_records(file: ExpertFile, layout: RecordLayout, dtype: torch.dtype,
+                           seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    row32 = torch.empty(layout.numel, dtype=torch.float32)
+    row = row32 if dtype == torch.float32 else torch.empty(layout.numel, dtype=dtype)
+    for e in range(file.meta.num_experts):
+        layout.init_row(row32, generator)
+        if row is not row32:
+            row.copy_(row32)
+        file.write_from(e, row)
