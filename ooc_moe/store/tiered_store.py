@@ -194,13 +194,11 @@ class TieredExpertStore:
                 if e in resident:
                     self._touch(e, hbm=tier == "hbm")
                     continue
-                if tier == "hbm":
-                    moves = self._plan_into_hbm(e, protected)
-                    if moves is None:
-                        self.stats.prefetches_dropped += 1
-                        continue
-                else:
-                    moves = self._plan_into_dram(e)
+                moves = (self._plan_into_hbm(e, protected) if tier == "hbm"
+                         else self._plan_into_dram(e))
+                if moves is None:
+                    self.stats.prefetches_dropped += 1
+                    continue
                 self._touch(e, hbm=tier == "hbm")
                 self._prefetched[tier].add(e)
                 self.stats.prefetches_issued += 1
@@ -264,7 +262,7 @@ class TieredExpertStore:
         """``get_experts`` and keep the experts resident until ``unpin``."""
         experts = self.get_experts(expert_ids)
         with self._lock:
-            self._pins.update(experts)
+            self._pins.update(list(experts))
         return experts
 
     def unpin(self, expert_ids: Iterable[int]) -> None:
@@ -356,14 +354,17 @@ class TieredExpertStore:
         self._hbm_lru[e] = None
         return moves + [promote]
 
-    def _plan_into_dram(self, e: int) -> list[Move]:
-        """Moves loading ``e`` from the file into DRAM (there is always a slot: see setup)."""
+    def _plan_into_dram(self, e: int) -> list[Move] | None:
+        """Moves loading ``e`` from the file into DRAM, or None if every DRAM expert is also
+        in HBM. (Never None on the way to HBM: a slot was just freed there, and
+        dram_capacity >= hbm_capacity.)"""
         plan, moves = self._plan, []
         if len(plan.dram_of) < self.dram_capacity:
             d = plan.dram.index(None)
         else:
-            # inclusive tiers and dram_capacity >= hbm_capacity: some DRAM expert is not in HBM
-            victim = next(v for v in self._dram_lru if v not in plan.hbm_of)
+            victim = next((v for v in self._dram_lru if v not in plan.hbm_of), None)
+            if victim is None:
+                return None
             d = plan.dram_of[victim]
             if victim in plan.dram_dirty:
                 moves.append(Move("write_back", victim, None, d))

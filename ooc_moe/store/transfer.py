@@ -2,7 +2,7 @@
 
 A *transfer* is a short list of moves (write a victim down, load a record up) decided by the
 store. It runs either on the caller's thread (a demand fetch) or on one background worker (a
-prefetch). Transfers that touch the same slot or the same file record are ordered by futures:
+prefetch). Transfers that touch the same slot or the same expert are ordered by futures:
 each resource remembers the last transfer that touched it, and a new transfer first waits for
 those. So a demand fetch waits only for the prefetches it conflicts with, never for the queue.
 
@@ -39,9 +39,11 @@ class Move(NamedTuple):
     dram_slot: int | None
 
     def resources(self) -> tuple:
-        h, d, f = ("hbm", self.hbm_slot), ("dram", self.dram_slot), ("file", self.expert)
-        return {"write_down": (h, d), "drop_hbm": (h,), "write_back": (d, f),
-                "drop_dram": (d,), "load": (f, d), "promote": (d, h)}[self.kind]
+        """What the move must be ordered on: its slots, and its expert (two moves of one
+        expert, such as a drop from one DRAM slot and a reload into another, stay in order)."""
+        h, d, e = ("hbm", self.hbm_slot), ("dram", self.dram_slot), ("expert", self.expert)
+        return {"write_down": (e, h, d), "drop_hbm": (e, h), "write_back": (e, d),
+                "drop_dram": (e, d), "load": (e, d), "promote": (e, d, h)}[self.kind]
 
     def apply(self, tiers: TierMap) -> None:
         """Record in ``tiers`` that this move has happened."""
