@@ -68,10 +68,10 @@ class Expert:
 
     __slots__ = ("id", "row", "w1", "b1", "w2", "b2")
 
-    def __init__(self, expert_id: int, row: torch.Tensor, layout: RecordLayout) -> None:
+    def __init__(self, expert_id: int, row: torch.Tensor, views: dict[str, torch.Tensor]) -> None:
         self.id = expert_id
         self.row = row
-        for name, view in layout.views(row).items():
+        for name, view in views.items():
             setattr(self, name, view)
 
     def __repr__(self) -> str:

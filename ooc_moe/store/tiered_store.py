@@ -133,7 +133,11 @@ class TieredExpertStore:
                                 pin_memory=copies.pin_memory)
         hbm_pool = torch.empty(hbm_capacity, self.layout.numel, dtype=self.dtype,
                                device=self.device)
+        # touch every page now, so no fetch pays the first-touch page faults of a host pool
+        dram_pool.zero_()
+        hbm_pool.zero_()
         self._copies = copies
+        self._slot_views = [self.layout.views(row) for row in hbm_pool]  # built once
         self._file, self._tmpdir = file, tmpdir
         self._plan = TierMap(hbm_capacity, dram_capacity)
         self._engine = TransferEngine(hbm_pool, dram_pool, file, copies,
@@ -474,7 +478,8 @@ class TieredExpertStore:
         return tuple(dict.fromkeys(ids))
 
     def _expert(self, e: int) -> Expert:
-        return Expert(e, self._engine.hbm_pool[self._plan.hbm_of[e]], self.layout)
+        h = self._plan.hbm_of[e]
+        return Expert(e, self._engine.hbm_pool[h], self._slot_views[h])
 
 
 def _write_initial_records(file: ExpertFile, layout: RecordLayout, dtype: torch.dtype,

@@ -1,0 +1,237 @@
+"""Benchmarks, each a ratio against a baseline measured in the same run.
+
+``store``: for each link of the fetch path, the store's throughput divided by the raw copy of
+the same bytes (file -> DRAM: ``preadv`` into one buffer, from the page cache and cold;
+DRAM -> HBM: ``copy_`` between preallocated tensors, ``non_blocking`` from pinned memory on
+CUDA). Then prefetch overlap: a loop of expert compute + ``get_experts`` with the next step
+prefetched, divided by the same loop with every expert resident.
+
+Run: ``python -m ooc_moe bench store [--quick] [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .store import TieredExpertStore
+from .store.file_tier import DATA_NAME
+
+__all__ = ["StoreBenchConfig", "bench_store"]
+
+
+@dataclass
+class StoreBenchConfig:
+    expert_dim: int = 512          # the prototype's expert: 8.4 MB per fp32 record
+    hidden_dim: int = 2048
+    num_experts: int = 48          # experts read per file -> DRAM measurement
+    batch: int = 8                 # experts per get_experts call / per step
+    steps: int = 24                # steps of the overlap loop
+    tokens: int = 1024             # tokens per expert per step in the overlap loop
+    repeats: int = 3               # the median of this many runs is reported
+    device: str | None = None
+    directory: str | None = None   # where the expert file goes (point at the disk to test)
+
+    @classmethod
+    def quick(cls, **kw) -> "StoreBenchConfig":
+        return cls(expert_dim=256, hidden_dim=1024, num_experts=24, batch=4, steps=12,
+                   tokens=512, repeats=3, **kw)
+
+
+@dataclass
+class LinkResult:
+    link: str
+    bytes: int
+    store_s: float
+    raw_s: float
+    ratio: float = field(init=False)   # store throughput / raw throughput (goal >= 0.9)
+
+    def __post_init__(self) -> None:
+        self.ratio = self.raw_s / self.store_s
+
+    def line(self) -> str:
+        gbs = lambda s: self.bytes / s / 1e9  # noqa: E731
+        return (f"{self.link:<26} {self.bytes / 1e6:8.1f} MB  store {gbs(self.store_s):6.2f} GB/s"
+                f"  raw {gbs(self.raw_s):6.2f} GB/s  ratio {self.ratio:5.2f}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _drop_page_cache(path) -> bool:
+    """Evict the (clean) file pages from the OS page cache, so the next read hits the disk."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _median_pair(store_fn, raw_fn, repeats: int, prepare=lambda: None) -> tuple[float, float]:
+    """Alternate store and raw runs so both see the same machine state; medians."""
+    store_t, raw_t = [], []
+    for _ in range(repeats):
+        prepare()
+        raw_t.append(_time(raw_fn))
+        prepare()
+        store_t.append(_time(store_fn))
+    return statistics.median(store_t), statistics.median(raw_t)
+
+
+def _file_to_dram(cfg: StoreBenchConfig, directory: str, cold: bool) -> LinkResult:
+    n = cfg.num_experts
+    path = os.path.join(directory, DATA_NAME)
+    ids = list(range(n))
+    with TieredExpertStore(n, cfg.expert_dim, cfg.hidden_dim, 1, n, cfg.device,
+                           path=directory, overwrite=True) as store:
+        store.flush()
+        device = store.device
+    raw = torch.empty(n, store.layout.numel, dtype=store.dtype,
+                      pin_memory=device.type == "cuda")
+    record_bytes = store.record_bytes
+
+    def read_raw():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for e in ids:  # the same record-by-record reads the store makes
+                view = memoryview(raw[e].view(torch.uint8).numpy())
+                assert os.preadv(fd, [view], e * record_bytes) == record_bytes
+        finally:
+            os.close(fd)
+
+    def read_store():
+        with TieredExpertStore.open(directory, cfg.device, hbm_capacity=1,
+                                    dram_capacity=n) as s:
+            start = time.perf_counter()
+            s.prefetch(ids, tier="dram")
+            s.synchronize()
+            timings.append(time.perf_counter() - start)
+
+    timings: list[float] = []
+    prepare = (lambda: _drop_page_cache(path)) if cold else (lambda: None)
+    read_raw()  # warm the page cache (and the allocator) for the cached measurement
+    _, raw_s = _median_pair(read_store, read_raw, cfg.repeats, prepare)
+    name = "file -> DRAM (cold)" if cold else "file -> DRAM (page cache)"
+    return LinkResult(name, n * record_bytes, statistics.median(timings), raw_s)
+
+
+def _dram_to_hbm(cfg: StoreBenchConfig, directory: str) -> LinkResult:
+    k = cfg.batch
+    a, b = list(range(k)), list(range(k, 2 * k))
+    with TieredExpertStore(2 * k, cfg.expert_dim, cfg.hidden_dim, k, 2 * k, cfg.device,
+                           path=directory, overwrite=True) as store:
+        device = store.device
+        store.prefetch(a + b, tier="dram")
+        store.synchronize()
+        src = store._engine.dram_pool                     # pinned on CUDA
+        dst = torch.empty(k, store.layout.numel, dtype=store.dtype, device=device)
+        state = {"next": a}
+
+        def copy_raw():
+            for i in range(k):
+                dst[i].copy_(src[i], non_blocking=True)
+            _sync(device)
+
+        def copy_store():
+            store.get_experts(state["next"])             # k DRAM hits, k promotions
+            _sync(device)
+            state["next"] = b if state["next"] is a else a
+
+        copy_store(), copy_raw()                         # warm-up
+        store_s, raw_s = _median_pair(copy_store, copy_raw, max(cfg.repeats, 5))
+        assert store.stats.file_reads == 0 and store.stats.dram_hits >= k  # DRAM -> HBM only
+        return LinkResult("DRAM -> HBM", k * store.record_bytes, store_s, raw_s)
+
+
+def _overlap(cfg: StoreBenchConfig, directory: str) -> dict:
+    """Time per step of compute + get_experts: prefetched vs demand vs all resident."""
+    n, k = cfg.steps * cfg.batch, cfg.batch
+    steps = [list(range(t * k, (t + 1) * k)) for t in range(cfg.steps)]  # new experts each step
+
+    def loop(store: TieredExpertStore, prefetch: bool) -> float:
+        x = torch.randn(cfg.tokens, cfg.expert_dim, device=store.device, dtype=store.dtype)
+        _sync(store.device)
+        start = time.perf_counter()
+        for t, ids in enumerate(steps):
+            experts = store.get_experts(ids)
+            if prefetch and t + 1 < len(steps):
+                store.prefetch(steps[t + 1])
+            for e in experts.values():                   # the FFN of each expert on its tokens
+                h = torch.relu(x @ e.w1.T + e.b1)
+                x = x + (h @ e.w2.T + e.b2) * 1e-3
+        _sync(store.device)
+        return time.perf_counter() - start
+
+    results = {}
+    kw = dict(path=directory, overwrite=True)
+    with TieredExpertStore(n, cfg.expert_dim, cfg.hidden_dim, n, n, cfg.device, **kw) as s:
+        for ids in steps:
+            s.get_experts(ids)
+        loop(s, False)
+        results["resident_s"] = statistics.median(loop(s, False) for _ in range(cfg.repeats))
+    for name, prefetch in (("prefetch_s", True), ("demand_s", False)):
+        timings = []
+        for _ in range(cfg.repeats):
+            # HBM holds two steps (this one and the next), DRAM everything: DRAM -> HBM copies
+            with TieredExpertStore(n, cfg.expert_dim, cfg.hidden_dim, 2 * k, n, cfg.device,
+                                   **kw) as s:
+                s.prefetch(range(n), tier="dram")
+                s.synchronize()
+                timings.append(loop(s, prefetch))
+                hits = s.stats.prefetch_hits
+        results[name] = statistics.median(timings)
+        if prefetch:
+            results["prefetch_hits_per_access"] = hits / (n - k)
+    results["ratio_prefetch"] = results["prefetch_s"] / results["resident_s"]
+    results["ratio_demand"] = results["demand_s"] / results["resident_s"]
+    return results
+
+
+def bench_store(cfg: StoreBenchConfig) -> dict:
+    """Run every store benchmark; print a table; return the figures."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg.device = str(device)
+    with tempfile.TemporaryDirectory(prefix="ooc-moe-bench-", dir=cfg.directory) as directory:
+        links = [_file_to_dram(cfg, directory, cold=False)]
+        if _drop_page_cache(os.path.join(directory, DATA_NAME)):
+            links.append(_file_to_dram(cfg, directory, cold=True))
+        links.append(_dram_to_hbm(cfg, directory))
+        overlap = _overlap(cfg, directory)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    print(f"bench store on {name}; record {cfg.expert_dim}x{cfg.hidden_dim} "
+          f"({links[0].bytes / cfg.num_experts / 1e6:.1f} MB)")
+    for link in links:
+        print("  " + link.line())
+    print(f"  overlap: {cfg.steps} steps x {cfg.batch} new experts, {cfg.tokens} tokens each")
+    print(f"    all resident {overlap['resident_s'] * 1e3 / cfg.steps:7.2f} ms/step")
+    print(f"    prefetched   {overlap['prefetch_s'] * 1e3 / cfg.steps:7.2f} ms/step  ratio "
+          f"{overlap['ratio_prefetch']:.2f}  (prefetch hits per access "
+          f"{overlap['prefetch_hits_per_access']:.2f})")
+    print(f"    demand only  {overlap['demand_s'] * 1e3 / cfg.steps:7.2f} ms/step  ratio "
+          f"{overlap['ratio_demand']:.2f}")
+    return {"device": name, "config": asdict(cfg), "links": [asdict(x) for x in links],
+            "overlap": overlap}
+
+
+def write_json(results: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)

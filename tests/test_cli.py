@@ -1,0 +1,30 @@
+"""Every CLI command runs, with tiny arguments, as a user would run it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ooc_moe", *args], capture_output=True,
+                          text=True, timeout=600, cwd=cwd)
+
+
+def test_bench_store_quick_prints_ratios_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "store", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "file -> DRAM (page cache)" in result.stdout and "ratio" in result.stdout
+    figures = json.loads(out.read_text())["store"]
+    links = {link["link"]: link for link in figures["links"]}
+    assert {"file -> DRAM (page cache)", "DRAM -> HBM"} <= set(links)
+    for link in links.values():
+        assert link["ratio"] > 0 and link["bytes"] > 0
+    assert figures["overlap"]["prefetch_hits_per_access"] == pytest.approx(1.0)
+
+
+def test_unknown_command_is_an_error():
+    result = run("bogus")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
