@@ -28,3 +28,17 @@ def test_bench_store_quick_prints_ratios_and_writes_json(tmp_path):
 def test_unknown_command_is_an_error():
     result = run("bogus")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_demo_with_tiny_sizes_reports_both_patterns(tmp_path):
+    result = run("demo", "--num_experts", "32", "--expert_dim", "8", "--expert_hidden_dim",
+                 "16", "--hbm_capacity", "8", "--dram_capacity", "16", "--num_games", "2",
+                 "--steps_per_game", "20", "--experts_per_step", "4", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "sequential_games: HBM hit rate" in result.stdout and "random:" in result.stdout
+    assert (tmp_path / "experts.bin").stat().st_size > 0
+
+
+def test_demo_rejects_impossible_capacities():
+    result = run("demo", "--num_experts", "8", "--hbm_capacity", "16")
+    assert result.returncode != 0 and "larger than num_experts" in result.stderr

@@ -363,3 +363,20 @@ def test_cuda_prefetch_overlaps_compute(tmp_path):
         s.get_experts(list(range(8)))
         torch.cuda.synchronize()
         assert s.stats.prefetch_hits == 8
+
+
+def test_where_and_is_dirty_check_their_input(store):
+    with pytest.raises(ValueError, match="out of range"):
+        store.where(N)
+    store.get_experts([1])[1].b1.add_(1.0)
+    assert not store.is_dirty(2)
+    store.mark_dirty([1])
+    assert store.is_dirty(1) and store.where(1) == "hbm"
+    store.flush()
+    assert not store.is_dirty(1)
+
+
+def test_open_caps_its_default_capacities_at_the_expert_count(tmp_path):
+    TieredExpertStore(N, DIM, HIDDEN, 2, 4, "cpu", path=tmp_path).shutdown()
+    with TieredExpertStore.open(tmp_path, "cpu") as s:
+        assert (s.hbm_capacity, s.dram_capacity) == (N, N)

@@ -85,14 +85,17 @@ class TieredExpertStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
-             hbm_capacity: int = 32, dram_capacity: int = 128,
+             hbm_capacity: int | None = None, dram_capacity: int | None = None,
              num_experts: int | None = None, expert_dim: int | None = None,
              hidden_dim: int | None = None, dtype: torch.dtype | None = None,
              ) -> "TieredExpertStore":
-        """Reopen the store saved in ``path``. Shape/dtype arguments, when given, must match
-        the file (a mismatch raises ValueError naming both)."""
+        """Reopen the store saved in ``path``. Capacities default to the constructor's
+        (32, 128), capped at the file's expert count. Shape/dtype arguments, when given, must
+        match the file (a mismatch raises ValueError naming both)."""
         file = ExpertFile.open(path)
         meta = file.meta
+        hbm_capacity = hbm_capacity or min(32, meta.num_experts)
+        dram_capacity = dram_capacity or min(128, meta.num_experts)
         expected = {"num_experts": num_experts, "expert_dim": expert_dim,
                     "hidden_dim": hidden_dim, "dtype": dtype and dtype_name(dtype)}
         for name, want in expected.items():
@@ -288,10 +291,19 @@ class TieredExpertStore:
             self.unpin(list(experts))
 
     def where(self, expert_id: int) -> str:
-        """The fastest tier holding the expert: "hbm", "dram" or "file"."""
-        plan = self._plan
-        return "hbm" if expert_id in plan.hbm_of else "dram" if expert_id in plan.dram_of \
-            else "file"
+        """The fastest tier the expert is in, or being copied to: "hbm", "dram" or "file"."""
+        (e,) = self._check_ids([expert_id])
+        with self._lock:
+            self._check_usable()
+            plan = self._plan
+            return "hbm" if e in plan.hbm_of else "dram" if e in plan.dram_of else "file"
+
+    def is_dirty(self, expert_id: int) -> bool:
+        """Whether the expert holds changes that have not yet reached the file."""
+        (e,) = self._check_ids([expert_id])
+        with self._lock:
+            self._check_usable()
+            return e in self._plan.hbm_dirty or e in self._plan.dram_dirty
 
     def get_stats_summary(self) -> dict:
         """The prototype's keys (hit_rate, total_hits, ...) plus per-tier figures."""
@@ -303,7 +315,7 @@ class TieredExpertStore:
                 **s.as_dict()}
 
     def reset_stats(self) -> None:
-        with self._lock:
+        with self._lock, self._engine.data_lock:
             for link in self._engine.bytes_moved:
                 self._engine.bytes_moved[link] = 0
             self.stats = StoreStats(bytes_moved=self._engine.bytes_moved)
