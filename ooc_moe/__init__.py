@@ -1,6 +1,10 @@
 """ooc_moe: out-of-core Mixture-of-Experts for sequential multi-game Atari RL."""
 
+from .moe import (DenseFFN, DenseTransformerBlock, ExpertOptimizer, ExpertRouter,
+                  MoETransformerBlock, RouterOutput, TieredMoELayer)
 from .store import Expert, RecordLayout, StoreStats, TieredExpertStore, TransferError
 
 __version__ = "0.1.0"
-__all__ = ["Expert", "RecordLayout", "StoreStats", "TieredExpertStore", "TransferError"]
+__all__ = ["DenseFFN", "DenseTransformerBlock", "Expert", "ExpertOptimizer", "ExpertRouter",
+           "MoETransformerBlock", "RecordLayout", "RouterOutput", "StoreStats",
+           "TieredExpertStore", "TieredMoELayer", "TransferError"]

@@ -43,6 +43,7 @@ class FileMeta:
     hidden_dim: int
     dtype: str
     record_numel: int
+    optimizer_state: bool = False
     format: str = FORMAT
 
     @property

@@ -63,6 +63,8 @@ class TieredExpertStore:
         path: directory for ``experts.bin``/``experts.json``; None = a temporary directory,
             removed by ``shutdown()``. Point it at an NVMe disk for real out-of-core runs.
         dtype: record dtype. seed: initialisation seed (weights N(0, 0.02^2), biases 0).
+        optimizer_state: records also carry a gradient accumulator and Adam moments, so
+            that ``ExpertOptimizer`` can train them (the record is 4x larger).
         overwrite: replace an expert file already in ``path`` (otherwise an error).
     """
 
@@ -70,14 +72,15 @@ class TieredExpertStore:
                  hbm_capacity: int = 32, dram_capacity: int = 128,
                  device: str | torch.device | None = None, *, path: str | os.PathLike | None = None,
                  dtype: torch.dtype = torch.float32, seed: int = 0,
-                 overwrite: bool = False) -> None:
+                 optimizer_state: bool = False, overwrite: bool = False) -> None:
         for name, value in (("num_experts", num_experts), ("expert_dim", expert_dim),
                             ("hidden_dim", hidden_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         _check_capacities(num_experts, hbm_capacity, dram_capacity)
-        layout = RecordLayout(expert_dim, hidden_dim)
-        meta = FileMeta(num_experts, expert_dim, hidden_dim, dtype_name(dtype), layout.numel)
+        layout = RecordLayout(expert_dim, hidden_dim, optimizer_state)
+        meta = FileMeta(num_experts, expert_dim, hidden_dim, dtype_name(dtype), layout.numel,
+                        optimizer_state)
         tmpdir = tempfile.TemporaryDirectory(prefix="ooc-moe-") if path is None else None
         file = ExpertFile.create(tmpdir.name if tmpdir else path, meta, overwrite=overwrite)
         _write_initial_records(file, layout, dtype, seed)
@@ -103,7 +106,8 @@ class TieredExpertStore:
                 file.close()
                 raise ValueError(f"{Path(path)} holds {name}={getattr(meta, name)}, not {want}; "
                                  "open it with matching arguments or create a new store")
-        if meta.record_numel != RecordLayout(meta.expert_dim, meta.hidden_dim).numel:
+        layout = RecordLayout(meta.expert_dim, meta.hidden_dim, meta.optimizer_state)
+        if meta.record_numel != layout.numel:
             file.close()
             raise ValueError(f"{path}: records of {meta.record_numel} elements do not match "
                              "this version's expert layout")
@@ -128,7 +132,7 @@ class TieredExpertStore:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.path = file.directory
-        self.layout = RecordLayout(meta.expert_dim, meta.hidden_dim)
+        self.layout = RecordLayout(meta.expert_dim, meta.hidden_dim, meta.optimizer_state)
         self.record_bytes = meta.record_bytes
         copies = make_copies(self.device, hbm_capacity)
         # one allocation per pool: pinning per record (or per copy) is much slower
@@ -153,6 +157,9 @@ class TieredExpertStore:
         self._lock = threading.RLock()
         self._closed = False
         self.stats = StoreStats(bytes_moved=self._engine.bytes_moved)
+        # experts whose record holds a gradient not yet applied (MoE backward adds to it,
+        # ExpertOptimizer.step consumes it)
+        self.experts_with_grad: set[int] = set()
 
     # -- the public API -------------------------------------------------------------------
     def get_experts(self, expert_ids: Iterable[int]) -> dict[int, Expert]:
@@ -289,6 +296,11 @@ class TieredExpertStore:
             yield experts
         finally:
             self.unpin(list(experts))
+
+    @property
+    def available_slots(self) -> int:
+        """HBM slots that are not pinned: the most experts one get_experts call may ask for."""
+        return self.hbm_capacity - len(self._pins)
 
     def where(self, expert_id: int) -> str:
         """The fastest tier the expert is in, or being copied to: "hbm", "dram" or "file"."""
