@@ -12,8 +12,12 @@ from .workloads import access_pattern, game_blocks, replay
 
 
 def _bench(args: argparse.Namespace) -> None:
-    make = bench.StoreBenchConfig.quick if args.quick else bench.StoreBenchConfig
-    results = {"store": bench.bench_store(make(device=args.device, directory=args.dir))}
+    results = {}
+    for name, config, run in (("store", bench.StoreBenchConfig, bench.bench_store),
+                              ("layer", bench.LayerBenchConfig, bench.bench_layer)):
+        if args.what in (name, "all"):
+            make = config.quick if args.quick else config
+            results[name] = run(make(device=args.device, directory=args.dir))
     if args.json:
         bench.write_json(results, args.json)
         print(f"figures written to {args.json}")
@@ -51,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ooc_moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="benchmarks, each a ratio against a same-run baseline")
-    b.add_argument("what", choices=["store", "all"], help="which benchmark")
+    b.add_argument("what", choices=["store", "layer", "all"], help="which benchmark")
     b.add_argument("--quick", action="store_true", help="small sizes (seconds, for CI)")
     b.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     b.add_argument("--dir", default=None, help="directory for the expert file (an NVMe disk)")

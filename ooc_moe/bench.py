@@ -1,12 +1,17 @@
 """Benchmarks, each a ratio against a baseline measured in the same run.
 
+Run: ``python -m ooc_moe bench {store,layer,all} [--quick] [--json FILE]``.
+
 ``store``: for each link of the fetch path, the store's throughput divided by the raw copy of
 the same bytes (file -> DRAM: ``preadv`` into one buffer, from the page cache and cold;
 DRAM -> HBM: ``copy_`` between preallocated tensors, ``non_blocking`` from pinned memory on
 CUDA). Then prefetch overlap: a loop of expert compute + ``get_experts`` with the next step
 prefetched, divided by the same loop with every expert resident.
 
-Run: ``python -m ooc_moe bench store [--quick] [--json FILE]``.
+``layer``: the train step (forward + backward + optimizer) of a ``TieredMoELayer`` whose
+working set fits HBM, against the same layer with every expert resident and against a
+straightforward PyTorch MoE of ``nn.Linear`` experts trained by ``torch.optim.Adam``; then with
+a working set 2x and 8x the HBM tier, with and without prefetch: step time and bytes per step.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+from .moe import ExpertOptimizer, ExpertRouter, TieredMoELayer
 from .store import TieredExpertStore
 from .store.file_tier import DATA_NAME
 
-__all__ = ["StoreBenchConfig", "bench_store"]
+__all__ = ["StoreBenchConfig", "bench_store", "LayerBenchConfig", "bench_layer"]
 
 
 @dataclass
@@ -235,3 +243,134 @@ def bench_store(cfg: StoreBenchConfig) -> dict:
 def write_json(results: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
+
+
+# -- the layer benchmark ------------------------------------------------------------------------
+@dataclass
+class LayerBenchConfig:
+    expert_dim: int = 512          # the prototype's expert; with Adam state 34 MB per record
+    hidden_dim: int = 2048
+    working_set: int = 16          # experts every step uses (the router picks only these)
+    num_experts: int = 32          # experts in the layer
+    top_k: int = 2
+    tokens: int = 1024
+    steps: int = 4                 # timed train steps per configuration (median reported)
+    device: str | None = None
+    directory: str | None = None
+
+    @classmethod
+    def quick(cls, **kw) -> "LayerBenchConfig":
+        return cls(expert_dim=128, hidden_dim=512, tokens=512, steps=3, **kw)
+
+
+class LinearMoE(nn.Module):
+    """The straightforward PyTorch MoE: ``nn.Linear`` experts, all resident, masked dispatch."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(dim)
+        self.router = ExpertRouter(dim, num_experts, top_k, noise_std=0.0)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(),
+                                                   nn.Linear(hidden, dim))
+                                     for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.layer_norm(x)
+        r = self.router(h)
+        y = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(r.expert_indices == e)
+            if token.numel():
+                y.index_add_(0, token, expert(h[token]) * r.expert_weights[token, slot, None])
+        return x + y, 0.01 * r.load_balancing_loss + 1e-3 * r.z_loss
+
+
+def _route_to_working_set(router: ExpertRouter, working_set: int) -> None:
+    """Large logits for the first ``working_set`` experts, zero for the rest, so the rest
+    are (almost surely) never in a token's top-k. The benchmark checks how many were used."""
+    with torch.no_grad():
+        router.router.weight.normal_(0.0, 1.0)
+        router.router.weight[working_set:] = 0.0
+
+
+def _train_steps(model: nn.Module, extra_opt, x: torch.Tensor, steps: int,
+                 device: torch.device) -> float:
+    """Median seconds of a train step (forward + backward + optimizers)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        y, aux = model(x)
+        loss = y.square().mean() + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if extra_opt is not None:
+            extra_opt.step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _tiered(cfg: LayerBenchConfig, directory: str, hbm: int, prefetch: bool,
+            x: torch.Tensor) -> dict:
+    with TieredExpertStore(cfg.num_experts, cfg.expert_dim, cfg.hidden_dim, hbm,
+                           cfg.num_experts, cfg.device, path=directory, overwrite=True,
+                           optimizer_state=True) as store:
+        torch.manual_seed(0)
+        layer = TieredMoELayer(cfg.expert_dim, cfg.hidden_dim, store, cfg.top_k, dropout=0.0,
+                               noise_std=0.0, prefetch=prefetch).to(store.device)
+        _route_to_working_set(layer.router, cfg.working_set)
+        store.prefetch(range(cfg.num_experts), tier="dram")   # host memory holds them all
+        store.synchronize()
+        optimizer = ExpertOptimizer(store, lr=1e-4)
+        _train_steps(layer, optimizer, x, 1, store.device)   # warm-up, not counted
+        store.reset_stats()
+        seconds = _train_steps(layer, optimizer, x, cfg.steps, store.device)
+        s = store.get_stats_summary()
+        links = ("file_to_dram", "dram_to_hbm", "hbm_to_dram", "dram_to_file")
+        return {"hbm": hbm, "prefetch": prefetch, "step_s": seconds,
+                "experts_used": layer.last_routing.expert_indices.unique().numel(),
+                "bytes_per_step": {k: s[f"bytes_{k}"] / cfg.steps for k in links},
+                "record_bytes": store.record_bytes, "hit_rate": s["hit_rate"],
+                "prefetch_hits": s["prefetch_hits"]}
+
+
+def bench_layer(cfg: LayerBenchConfig) -> dict:
+    """Train-step time of the tiered layer against all-resident and a plain PyTorch MoE."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg.device = str(device)
+    torch.manual_seed(0)
+    x = torch.randn(cfg.tokens, cfg.expert_dim, device=device)
+    w = cfg.working_set
+    configs = {"all resident": (cfg.num_experts, True), "working set fits": (w, True),
+               "2x, prefetch": (w // 2, True), "2x, demand": (w // 2, False),
+               "8x, prefetch": (max(1, w // 8), True), "8x, demand": (max(1, w // 8), False)}
+    with tempfile.TemporaryDirectory(prefix="ooc-moe-bench-", dir=cfg.directory) as directory:
+        runs = {name: _tiered(cfg, directory, hbm, prefetch, x)
+                for name, (hbm, prefetch) in configs.items()}
+    torch.manual_seed(0)
+    plain_moe = LinearMoE(cfg.expert_dim, cfg.hidden_dim, cfg.num_experts, cfg.top_k)
+    _route_to_working_set(plain_moe.router, w)
+    plain_moe.to(device)
+    _train_steps(plain_moe, None, x, 1, device)
+    plain = _train_steps(plain_moe, None, x, cfg.steps, device)
+    base = runs["all resident"]["step_s"]
+    for run in runs.values():
+        run["ratio_to_resident"] = run["step_s"] / base
+        run["ratio_to_plain"] = run["step_s"] / plain
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    print(f"bench layer on {name}; {cfg.num_experts} experts of {cfg.expert_dim}x"
+          f"{cfg.hidden_dim} (with Adam state {runs['all resident']['record_bytes'] / 1e6:.1f}"
+          f" MB per record), {cfg.tokens} tokens, top-{cfg.top_k}, working set {w} "
+          f"(used: {runs['all resident']['experts_used']})")
+    print(f"  {'plain PyTorch MoE (nn.Linear)':<30} {plain * 1e3:8.1f} ms/step")
+    for key, run in runs.items():
+        moved = sum(run["bytes_per_step"].values()) / 1e6
+        print(f"  {key + ' (HBM ' + str(run['hbm']) + ')':<30} "
+              f"{run['step_s'] * 1e3:8.1f} ms/step  to resident {run['ratio_to_resident']:.2f}"
+              f"  to plain {run['ratio_to_plain']:.2f}  moved {moved:8.1f} MB/step  "
+              f"hit rate {run['hit_rate']:.2f}")
+    return {"device": name, "config": asdict(cfg), "plain_step_s": plain, "runs": runs}

@@ -42,3 +42,21 @@ def test_demo_with_tiny_sizes_reports_both_patterns(tmp_path):
 def test_demo_rejects_impossible_capacities():
     result = run("demo", "--num_experts", "8", "--hbm_capacity", "16")
     assert result.returncode != 0 and "larger than num_experts" in result.stderr
+
+
+def test_bench_layer_quick_reports_every_configuration(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "layer", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(out.read_text())["layer"]["runs"]
+    assert set(runs) == {"all resident", "working set fits", "2x, prefetch", "2x, demand",
+                         "8x, prefetch", "8x, demand"}
+    assert runs["all resident"]["experts_used"] == 16
+    for name in ("all resident", "working set fits"):     # nothing moves once warm
+        assert sum(runs[name]["bytes_per_step"].values()) == 0 and runs[name]["hit_rate"] == 1
+    for name in ("2x, demand", "8x, demand"):
+        assert runs[name]["bytes_per_step"]["dram_to_hbm"] > 0
+        assert runs[name]["prefetch_hits"] == 0
+    assert runs["2x, prefetch"]["prefetch_hits"] > 0
+    assert runs["8x, demand"]["bytes_per_step"]["dram_to_hbm"] > \
+        runs["2x, demand"]["bytes_per_step"]["dram_to_hbm"]

@@ -44,19 +44,20 @@ class Dispatch:
         return cls(order, order // indices.shape[1], slices)
 
 
-def plan_waves(store: TieredExpertStore, experts: list[int]) -> list[list[int]]:
+def plan_waves(store: TieredExpertStore, experts: list[int],
+               prefetch: bool = True) -> list[list[int]]:
     """Split ``experts`` into waves that fit the free HBM slots.
 
     Experts already in HBM go first (they are used before anything can evict them), then
-    those in DRAM, then the file. If all fit, there is one wave; otherwise waves use half the
-    free slots, so the next wave can be prefetched while this one computes.
+    those in DRAM, then the file. If all fit, there is one wave; otherwise, with ``prefetch``,
+    waves use half the free slots so the next wave can be prefetched while this one computes.
     """
     free = store.available_slots
     if free < 1:
         raise ValueError("every HBM slot is pinned: unpin experts so the layer can stream")
     rank = {"hbm": 0, "dram": 1, "file": 2}
     experts = sorted(experts, key=lambda e: rank[store.where(e)])
-    size = free if len(experts) <= free else max(1, free // 2)
+    size = free if len(experts) <= free or not prefetch else max(1, free // 2)
     return [experts[i:i + size] for i in range(0, len(experts), size)]
 
 
@@ -65,11 +66,11 @@ class _StreamedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weights: Tensor, dispatch: Dispatch,
-                store: TieredExpertStore, waves: list) -> Tensor:
+                store: TieredExpertStore, waves: list, prefetch: bool) -> Tensor:
         y = x.new_empty(dispatch.token.numel(), x.shape[1])        # [S, dim] per assignment
         for i, wave in enumerate(waves):
             experts = store.get_experts(wave)
-            if i + 1 < len(waves):
+            if prefetch and i + 1 < len(waves):
                 store.prefetch(waves[i + 1])
             for e in wave:
                 ex, (s, t) = experts[e], dispatch.slices[e]
@@ -78,7 +79,7 @@ class _StreamedExperts(torch.autograd.Function):
         w = weights.reshape(-1)[dispatch.order]
         out = torch.zeros_like(x).index_add_(0, dispatch.token, y * w[:, None])
         ctx.save_for_backward(x, weights, y)
-        ctx.dispatch, ctx.store, ctx.waves = dispatch, store, waves
+        ctx.dispatch, ctx.store, ctx.waves, ctx.prefetch = dispatch, store, waves, prefetch
         return out
 
     @staticmethod
@@ -93,7 +94,7 @@ class _StreamedExperts(torch.autograd.Function):
         waves = ctx.waves[::-1]  # the last forward wave is most likely still resident
         for i, wave in enumerate(waves):
             experts = store.get_experts(wave)
-            if i + 1 < len(waves):
+            if ctx.prefetch and i + 1 < len(waves):
                 store.prefetch(waves[i + 1])
             for e in wave:
                 ex, (s, t) = experts[e], d.slices[e]
@@ -108,14 +109,15 @@ class _StreamedExperts(torch.autograd.Function):
                 grad_x.index_add_(0, tokens, ga @ ex.w1)
             store.mark_dirty(wave)
             store.experts_with_grad.update(wave)
-        return grad_x, grad_weights.view_as(weights), None, None, None
+        return grad_x, grad_weights.view_as(weights), None, None, None, None
 
 
-def expert_mixture(x: Tensor, indices: Tensor, weights: Tensor,
-                   store: TieredExpertStore) -> Tensor:
+def expert_mixture(x: Tensor, indices: Tensor, weights: Tensor, store: TieredExpertStore,
+                   prefetch: bool = True) -> Tensor:
     """``sum_k weights[:, k] * expert_{indices[:, k]}(x)`` for ``x [tokens, dim]``, experts
-    streamed from ``store``. Differentiable in ``x`` and ``weights``; expert gradients are
-    accumulated into the store's records (see ``ExpertOptimizer``)."""
+    streamed from ``store`` (the next wave prefetched while one computes, if ``prefetch``).
+    Differentiable in ``x`` and ``weights``; expert gradients are accumulated into the
+    store's records (see ``ExpertOptimizer``)."""
     if x.dtype != store.dtype or x.device != store.device:
         raise ValueError(f"inputs are {x.dtype} on {x.device} but the experts are "
                          f"{store.dtype} on {store.device}: move the module (or the store) so "
@@ -126,8 +128,8 @@ def expert_mixture(x: Tensor, indices: Tensor, weights: Tensor,
                          "TieredExpertStore(..., optimizer_state=True) to train its experts, "
                          "or run the layer under torch.no_grad()")
     dispatch = Dispatch.from_indices(indices)
-    waves = plan_waves(store, list(dispatch.slices))
-    return _StreamedExperts.apply(x, weights, dispatch, store, waves)
+    waves = plan_waves(store, list(dispatch.slices), prefetch)
+    return _StreamedExperts.apply(x, weights, dispatch, store, waves, prefetch)
 
 
 class TieredMoELayer(nn.Module):
@@ -136,11 +138,14 @@ class TieredMoELayer(nn.Module):
     Accepts ``[tokens, dim]`` or ``[batch, seq, dim]``; returns ``(y, aux_loss)`` where
     ``aux_loss = load_balance_coef * load_balancing_loss + z_loss_coef * z_loss``. Several
     layers may share one store (one pool of experts for all layers) or have one each.
+    With ``prefetch``, a batch that needs more experts than HBM holds prefetches the next
+    wave of experts while the current one computes.
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, expert_store: TieredExpertStore,
                  top_k: int = 2, dropout: float = 0.1, *, noise_std: float = 0.1,
-                 load_balance_coef: float = 0.01, z_loss_coef: float = 1e-3) -> None:
+                 load_balance_coef: float = 0.01, z_loss_coef: float = 1e-3,
+                 prefetch: bool = True) -> None:
         super().__init__()
         if (expert_store.expert_dim, expert_store.hidden_dim) != (input_dim, hidden_dim):
             raise ValueError(f"the store's experts are {expert_store.expert_dim} -> "
@@ -152,6 +157,7 @@ class TieredMoELayer(nn.Module):
         self.layer_norm = nn.LayerNorm(input_dim)
         self.dropout = nn.Dropout(dropout)
         self.load_balance_coef, self.z_loss_coef = load_balance_coef, z_loss_coef
+        self.prefetch = prefetch
         self.last_routing: RouterOutput | None = None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,7 +169,7 @@ class TieredMoELayer(nn.Module):
         routing = self.router(h)
         self.last_routing = routing
         y = expert_mixture(h, routing.expert_indices, routing.expert_weights,
-                           self.expert_store)
+                           self.expert_store, self.prefetch)
         aux = (self.load_balance_coef * routing.load_balancing_loss
                + self.z_loss_coef * routing.z_loss)
         return (flat + self.dropout(y)).view_as(x), aux
