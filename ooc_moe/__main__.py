@@ -14,7 +14,8 @@ from .workloads import access_pattern, game_blocks, replay
 def _bench(args: argparse.Namespace) -> None:
     results = {}
     for name, config, run in (("store", bench.StoreBenchConfig, bench.bench_store),
-                              ("layer", bench.LayerBenchConfig, bench.bench_layer)):
+                              ("layer", bench.LayerBenchConfig, bench.bench_layer),
+                              ("sim", bench.SimBenchConfig, bench.bench_sim)):
         if args.what in (name, "all"):
             make = config.quick if args.quick else config
             results[name] = run(make(device=args.device, directory=args.dir))
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ooc_moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="benchmarks, each a ratio against a same-run baseline")
-    b.add_argument("what", choices=["store", "layer", "all"], help="which benchmark")
+    b.add_argument("what", choices=["store", "layer", "sim", "all"], help="which benchmark")
     b.add_argument("--quick", action="store_true", help="small sizes (seconds, for CI)")
     b.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     b.add_argument("--dir", default=None, help="directory for the expert file (an NVMe disk)")

@@ -1,6 +1,6 @@
 """Benchmarks, each a ratio against a baseline measured in the same run.
 
-Run: ``python -m ooc_moe bench {store,layer,all} [--quick] [--json FILE]``.
+Run: ``python -m ooc_moe bench {store,layer,sim,all} [--quick] [--json FILE]``.
 
 ``store``: for each link of the fetch path, the store's throughput divided by the raw copy of
 the same bytes (file -> DRAM: ``preadv`` into one buffer, from the page cache and cold;
@@ -12,6 +12,9 @@ prefetched, divided by the same loop with every expert resident.
 working set fits HBM, against the same layer with every expert resident and against a
 straightforward PyTorch MoE of ``nn.Linear`` experts trained by ``torch.optim.Adam``; then with
 a working set 2x and 8x the HBM tier, with and without prefetch: step time and bytes per step.
+
+``sim``: accesses per second of the trace simulator per policy, one core (goal for LRU: 1M/s,
+so that widgets redraw at once).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from .moe import ExpertOptimizer, ExpertRouter, TieredMoELayer
 from .store import TieredExpertStore
 from .store.file_tier import DATA_NAME
 
-__all__ = ["StoreBenchConfig", "bench_store", "LayerBenchConfig", "bench_layer"]
+__all__ = ["StoreBenchConfig", "bench_store", "LayerBenchConfig", "bench_layer",
+           "SimBenchConfig", "bench_sim"]
 
 
 @dataclass
@@ -374,3 +378,40 @@ def bench_layer(cfg: LayerBenchConfig) -> dict:
               f"  to plain {run['ratio_to_plain']:.2f}  moved {moved:8.1f} MB/step  "
               f"hit rate {run['hit_rate']:.2f}")
     return {"device": name, "config": asdict(cfg), "plain_step_s": plain, "runs": runs}
+
+
+# -- the simulator benchmark --------------------------------------------------------------------
+@dataclass
+class SimBenchConfig:
+    num_experts: int = 256
+    experts_per_step: int = 16
+    steps: int = 50_000            # 800k accesses
+    hbm_capacity: int = 32
+    dram_capacity: int = 128
+    device: str | None = None      # unused: the simulator runs on one CPU core
+    directory: str | None = None   # unused
+
+    @classmethod
+    def quick(cls, **kw) -> "SimBenchConfig":
+        return cls(steps=5_000, **kw)
+
+
+def bench_sim(cfg: SimBenchConfig) -> dict:
+    """Accesses per second of ``simulate`` for each policy on a sequential-games pattern."""
+    from .trace import POLICIES, simulate
+    from .workloads import access_pattern
+
+    steps = access_pattern("sequential_games", cfg.num_experts, cfg.steps,
+                           cfg.experts_per_step, num_games=4)
+    accesses = sum(map(len, steps))
+    print(f"bench sim: {accesses:,} accesses ({cfg.steps:,} steps of {cfg.experts_per_step} of "
+          f"{cfg.num_experts} experts), HBM {cfg.hbm_capacity}, DRAM {cfg.dram_capacity}")
+    results = {}
+    for policy in POLICIES:
+        seconds = _time(lambda: results.setdefault(policy, simulate(
+            steps, cfg.hbm_capacity, cfg.dram_capacity, policy)))
+        rate = accesses / seconds
+        results[policy] = {"accesses_per_s": rate, "hit_rate": results[policy].hit_rate}
+        print(f"  {policy:<7} {rate / 1e6:5.2f} M accesses/s  (ratio to the 1M/s goal "
+              f"{rate / 1e6:.2f})  HBM hit rate {results[policy]['hit_rate']:.3f}")
+    return {"config": asdict(cfg), "policies": results}

@@ -60,3 +60,13 @@ def test_bench_layer_quick_reports_every_configuration(tmp_path):
     assert runs["2x, prefetch"]["prefetch_hits"] > 0
     assert runs["8x, demand"]["bytes_per_step"]["dram_to_hbm"] > \
         runs["2x, demand"]["bytes_per_step"]["dram_to_hbm"]
+
+
+def test_bench_sim_quick_reports_each_policy(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "sim", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    policies = json.loads(out.read_text())["sim"]["policies"]
+    assert set(policies) == {"lru", "lfu", "belady"}
+    assert policies["belady"]["hit_rate"] >= policies["lru"]["hit_rate"]
+    assert all(p["accesses_per_s"] > 0 for p in policies.values())

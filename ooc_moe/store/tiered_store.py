@@ -160,6 +160,8 @@ class TieredExpertStore:
         # experts whose record holds a gradient not yet applied (MoE backward adds to it,
         # ExpertOptimizer.step consumes it)
         self.experts_with_grad: set[int] = set()
+        # set to an ooc_moe.trace.RoutingTrace to record every call, for the simulator
+        self.trace = None
 
     # -- the public API -------------------------------------------------------------------
     def get_experts(self, expert_ids: Iterable[int]) -> dict[int, Expert]:
@@ -178,6 +180,8 @@ class TieredExpertStore:
                     f"{len(needed) - len(ids)} more pinned) but hbm_capacity is "
                     f"{self.hbm_capacity}: request fewer experts at once (stream them in "
                     "waves), unpin some, or raise hbm_capacity")
+            if self.trace is not None:
+                self.trace.store_call("get", ids)
             self._in_use = ()
             moves: list[Move] = []
             for e in ids:
@@ -202,6 +206,8 @@ class TieredExpertStore:
         ids = self._check_ids(expert_ids)
         with self._lock:
             self._check_usable()
+            if self.trace is not None:
+                self.trace.store_call(f"prefetch_{tier}", ids)
             protected = set(ids) | set(self._in_use) | set(self._pins)
             for e in ids:
                 resident = self._plan.hbm_of if tier == "hbm" else self._plan.dram_of
@@ -228,6 +234,8 @@ class TieredExpertStore:
                 raise ValueError(f"experts {missing} are not in HBM; mark_dirty applies to "
                                  "experts returned by get_experts (and still resident)")
             self._run([], wait_for=[("hbm", self._plan.hbm_of[e]) for e in ids])
+            if self.trace is not None:
+                self.trace.store_call("dirty", ids)
             with self._engine.data_lock:
                 for e in ids:
                     self._plan.hbm_dirty.add(e)
@@ -238,6 +246,8 @@ class TieredExpertStore:
         with self._lock:
             self._check_usable()
             self._settle()
+            if self.trace is not None:
+                self.trace.store_call("flush", ())
             plan = self._plan
             moves = [Move("write_down", e, plan.hbm_of[e], plan.dram_of[e])
                      for e in sorted(plan.hbm_dirty)]

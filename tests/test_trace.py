@@ -1,0 +1,178 @@
+"""The simulator reproduces the real store exactly; Belady is optimal; traces round-trip."""
+
+from functools import lru_cache
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ooc_moe import ExpertOptimizer, TieredExpertStore, TieredMoELayer
+from ooc_moe.trace import RoutingTrace, simulate
+from reference import ListLRU
+
+N = 10
+COUNTERS = ("accesses", "hbm_hits", "dram_hits", "file_reads", "prefetch_hits",
+            "prefetches_issued", "prefetches_used", "prefetches_wasted", "prefetches_dropped",
+            "hbm_evictions", "dram_evictions")
+LINKS = ("file_to_dram", "dram_to_hbm", "hbm_to_dram", "dram_to_file")
+
+
+def assert_reproduces(store, trace):
+    result = simulate(trace, store.hbm_capacity, store.dram_capacity, "lru",
+                      record_bytes=store.record_bytes)
+    stats = store.get_stats_summary()
+    for key in COUNTERS:
+        assert getattr(result, key) == stats[key], key
+    for link in LINKS:
+        assert result.bytes_moved[link] == stats[f"bytes_{link}"], link
+    assert result.hit_rate == stats["hit_rate"]
+    return result
+
+
+ids = st.lists(st.integers(0, N - 1), min_size=1, max_size=4)
+calls = st.lists(st.one_of(
+    st.tuples(st.just("get"), ids), st.tuples(st.just("train"), ids),
+    st.tuples(st.just("prefetch"), ids, st.sampled_from(["hbm", "dram"])),
+    st.tuples(st.just("flush"))), min_size=1, max_size=30)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(calls=calls, hbm=st.integers(1, 4), extra=st.integers(0, 4))
+def test_simulator_reproduces_the_store_exactly(calls, hbm, extra):
+    trace = RoutingTrace()
+    with TieredExpertStore(N, 2, 3, hbm, min(N, hbm + extra), "cpu") as store:
+        store.trace = trace
+        for step, call in enumerate(calls):
+            trace.begin_step(game=step % 2)
+            if call[0] in ("get", "train"):
+                store.get_experts(call[1][:hbm])
+                if call[0] == "train":
+                    store.mark_dirty(call[1][:hbm])
+            elif call[0] == "prefetch":
+                store.prefetch(call[1], tier=call[2])
+            else:
+                store.flush()
+        store.synchronize()
+        assert_reproduces(store, trace)
+
+
+def test_simulator_reproduces_a_real_moe_training_run(tmp_path):
+    """Waves, backward re-gathering, prefetches and optimizer updates of two shared layers."""
+    trace = RoutingTrace()
+    with TieredExpertStore(12, 8, 16, 3, 6, "cpu", optimizer_state=True) as store:
+        store.trace = trace
+        torch.manual_seed(0)
+        layers = [TieredMoELayer(8, 16, store, top_k=2, dropout=0.0) for _ in range(2)]
+        opt = ExpertOptimizer(store)
+        for step in range(6):
+            trace.begin_step(game=step // 3)
+            h = torch.randn(32, 8)
+            for layer in layers:
+                h, aux = layer(h)
+                trace.record_layer(layer.last_routing.expert_indices.unique().tolist())
+            (h.square().mean() + aux).backward()
+            opt.step()
+        store.flush()
+        result = assert_reproduces(store, trace)
+    assert result.prefetches_issued > 0 and result.bytes_moved["dram_to_file"] > 0
+    assert len(trace.layers) == 6 and all(len(step) == 2 for step in trace.layers)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=3), max_size=40),
+       hbm=st.integers(3, 5), extra=st.integers(0, 3))
+def test_lru_matches_an_independent_list_model(steps, hbm, extra):
+    lru = ListLRU(hbm, hbm + extra)
+    for step in steps:
+        lru.get(step)
+    result = simulate(steps, hbm, hbm + extra, "lru")
+    for key, count in lru.counts.items():
+        assert getattr(result, key) == count, key
+
+
+def brute_force_hits(accesses: tuple, capacity: int) -> int:
+    """The most hits any eviction choices achieve (one access at a time)."""
+    @lru_cache(maxsize=None)
+    def best(i: int, cache: frozenset) -> int:
+        if i == len(accesses):
+            return 0
+        e = accesses[i]
+        if e in cache:
+            return 1 + best(i + 1, cache)
+        if len(cache) < capacity:
+            return best(i + 1, cache | {e})
+        return max(best(i + 1, (cache - {v}) | {e}) for v in cache)
+    return best(0, frozenset())
+
+
+@settings(max_examples=300, deadline=None)
+@given(accesses=st.lists(st.integers(0, 5), max_size=14), capacity=st.integers(1, 4))
+def test_belady_is_optimal(accesses, capacity):
+    result = simulate([[e] for e in accesses], capacity, policy="belady")
+    assert result.hbm_hits == brute_force_hits(tuple(accesses), capacity)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=3), max_size=40),
+       hbm=st.integers(3, 6))
+def test_belady_bounds_lru_and_lfu_on_multi_expert_steps(steps, hbm):
+    best = simulate(steps, hbm, policy="belady").hbm_hits
+    assert best >= simulate(steps, hbm, policy="lru").hbm_hits
+    assert best >= simulate(steps, hbm, policy="lfu").hbm_hits
+
+
+def test_hand_computed_lru_lfu_belady():
+    steps = [[0], [1], [0], [2], [0], [1], [3], [0]]
+    # capacity 2. LRU: 0m 1m 0h 2m(ev 1) 0h 1m(ev 2) 3m(ev 0) 0m(ev 1) -> 2 hits
+    assert simulate(steps, 2, policy="lru").hbm_hits == 2
+    # LFU: ... 2m evicts 1 (1 use vs 0's 2), 0h, 1m evicts 2, 3m evicts 1, 0h -> 3 hits
+    assert simulate(steps, 2, policy="lfu").hbm_hits == 3
+    # Belady: 2m evicts 1 (next use 5 vs 4), 0h, 1m evicts 2 (never again), 3m evicts 1, 0h
+    assert simulate(steps, 2, policy="belady").hbm_hits == 3
+
+
+def test_prefetch_replay_precision_and_coverage():
+    steps = [[0, 1], [2, 3], [0, 1], [4, 5]]
+    oracle = simulate(steps, 4, prefetch=[[]] + steps[1:])
+    assert oracle.prefetches_issued == 4 and oracle.prefetch_hits == 4
+    assert oracle.prefetch_precision == 1.0
+    assert oracle.prefetch_coverage == pytest.approx(4 / (4 + 2))  # only step 0 missed
+    wrong = simulate(steps, 4, prefetch=[[6, 7], [6, 7], [], []])
+    assert wrong.prefetch_precision == 0.0 and wrong.prefetches_wasted == 2
+
+
+def test_bytes_and_modelled_seconds():
+    result = simulate([[0], [1], [2]], 1, 2, record_bytes=100)
+    assert result.bytes_moved == {"file_to_dram": 300, "dram_to_hbm": 300, "hbm_to_dram": 0,
+                                  "dram_to_file": 0}
+    assert result.transfer_seconds == pytest.approx(300 / 3.1e9 + 300 / 20.9e9)
+
+
+def test_trace_round_trips_through_npz(tmp_path):
+    trace = RoutingTrace()
+    with TieredExpertStore(N, 2, 3, 2, 4, "cpu") as store:
+        store.trace = trace
+        for step, ids in enumerate(([0, 1], [2], [3, 4])):
+            trace.begin_step(step % 2)
+            trace.record_prefetch([ids[0]])
+            store.prefetch([ids[0]])
+            store.get_experts(ids)
+            store.mark_dirty(ids)
+            trace.record_layer(ids)
+            trace.record_layer(ids[::-1])
+    trace.save(tmp_path / "trace.npz")
+    loaded = RoutingTrace.load(tmp_path / "trace.npz")
+    assert loaded == trace
+    assert simulate(loaded, 2, 4).__dict__ == simulate(trace, 2, 4).__dict__
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="policy must be one of"):
+        simulate([[0]], 1, policy="fifo")
+    with pytest.raises(ValueError, match="inclusive"):
+        simulate([[0]], 3, 2)
+    with pytest.raises(ValueError, match="uses 3 experts but hbm_capacity is 2"):
+        simulate([[0, 1, 2]], 2)
+    with pytest.raises(RuntimeError, match="begin_step"):
+        RoutingTrace().record_layer([1])
