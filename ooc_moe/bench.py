@@ -328,7 +328,7 @@ def _tiered(cfg: LayerBenchConfig, directory: str, hbm: int, prefetch: bool,
         _route_to_working_set(layer.router, cfg.working_set)
         store.prefetch(range(cfg.num_experts), tier="dram")   # host memory holds them all
         store.synchronize()
-        optimizer = ExpertOptimizer(store, lr=1e-4)
+        optimizer = ExpertOptimizer(store, lr=1e-4, prefetch=prefetch)
         _train_steps(layer, optimizer, x, 1, store.device)   # warm-up, not counted
         store.reset_stats()
         seconds = _train_steps(layer, optimizer, x, cfg.steps, store.device)

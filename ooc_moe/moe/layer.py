@@ -113,11 +113,11 @@ class _StreamedExperts(torch.autograd.Function):
 
 
 def expert_mixture(x: Tensor, indices: Tensor, weights: Tensor, store: TieredExpertStore,
-                   prefetch: bool = True) -> Tensor:
+                   prefetch: bool = True) -> tuple[Tensor, list[list[int]]]:
     """``sum_k weights[:, k] * expert_{indices[:, k]}(x)`` for ``x [tokens, dim]``, experts
     streamed from ``store`` (the next wave prefetched while one computes, if ``prefetch``).
     Differentiable in ``x`` and ``weights``; expert gradients are accumulated into the
-    store's records (see ``ExpertOptimizer``)."""
+    store's records (see ``ExpertOptimizer``). Returns the output and the waves used."""
     if x.dtype != store.dtype or x.device != store.device:
         raise ValueError(f"inputs are {x.dtype} on {x.device} but the experts are "
                          f"{store.dtype} on {store.device}: move the module (or the store) so "
@@ -129,7 +129,7 @@ def expert_mixture(x: Tensor, indices: Tensor, weights: Tensor, store: TieredExp
                          "or run the layer under torch.no_grad()")
     dispatch = Dispatch.from_indices(indices)
     waves = plan_waves(store, list(dispatch.slices), prefetch)
-    return _StreamedExperts.apply(x, weights, dispatch, store, waves, prefetch)
+    return _StreamedExperts.apply(x, weights, dispatch, store, waves, prefetch), waves
 
 
 class TieredMoELayer(nn.Module):
@@ -159,6 +159,7 @@ class TieredMoELayer(nn.Module):
         self.load_balance_coef, self.z_loss_coef = load_balance_coef, z_loss_coef
         self.prefetch = prefetch
         self.last_routing: RouterOutput | None = None
+        self.last_waves: list[list[int]] = []   # the experts of each wave of the last forward
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.dim() not in (2, 3) or x.shape[-1] != self.input_dim:
@@ -168,8 +169,9 @@ class TieredMoELayer(nn.Module):
         h = self.layer_norm(flat)
         routing = self.router(h)
         self.last_routing = routing
-        y = expert_mixture(h, routing.expert_indices, routing.expert_weights,
-                           self.expert_store, self.prefetch)
+        y, self.last_waves = expert_mixture(h, routing.expert_indices,
+                                            routing.expert_weights, self.expert_store,
+                                            self.prefetch)
         aux = (self.load_balance_coef * routing.load_balancing_loss
                + self.z_loss_coef * routing.z_loss)
         return (flat + self.dropout(y)).view_as(x), aux

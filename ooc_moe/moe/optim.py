@@ -20,10 +20,12 @@ __all__ = ["ExpertOptimizer"]
 
 
 class ExpertOptimizer:
-    """Adam over the experts of ``store`` (which needs ``optimizer_state=True``)."""
+    """Adam over the experts of ``store`` (which needs ``optimizer_state=True``). With
+    ``prefetch``, the next wave of experts is fetched while the current one is updated."""
 
     def __init__(self, store: TieredExpertStore, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 prefetch: bool = True) -> None:
         if not store.layout.optimizer_state:
             raise ValueError("the store's records have no optimizer state: create it with "
                              "TieredExpertStore(..., optimizer_state=True)")
@@ -31,6 +33,7 @@ class ExpertOptimizer:
             raise ValueError(f"need lr > 0, eps > 0 and 0 <= betas < 1; got lr={lr}, "
                              f"betas={betas}, eps={eps}")
         self.store, self.lr, self.betas, self.eps = store, lr, betas, eps
+        self.prefetch = prefetch
 
     @torch.no_grad()
     def step(self) -> int:
@@ -38,8 +41,12 @@ class ExpertOptimizer:
         how many experts were updated."""
         pending = sorted(self.store.experts_with_grad)
         b1, b2 = self.betas
-        for wave in plan_waves(self.store, pending):
-            for ex in self.store.get_experts(wave).values():
+        waves = plan_waves(self.store, pending, self.prefetch)
+        for i, wave in enumerate(waves):
+            experts = self.store.get_experts(wave)
+            if self.prefetch and i + 1 < len(waves):
+                self.store.prefetch(waves[i + 1])  # copies overlap this wave's update
+            for ex in experts.values():
                 step = ex.step.add_(1)
                 ex.exp_avg.mul_(b1).add_(ex.grad, alpha=1 - b1)
                 ex.exp_avg_sq.mul_(b2).addcmul_(ex.grad, ex.grad, value=1 - b2)

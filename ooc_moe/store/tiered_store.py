@@ -78,6 +78,10 @@ class TieredExpertStore:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         _check_capacities(num_experts, hbm_capacity, dram_capacity)
+        if optimizer_state and dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"optimizer_state needs float32 or float64 records, not {dtype}: "
+                             "Adam moments and step counts lose too much in low precision "
+                             "(a bfloat16 step count stops at 256)")
         layout = RecordLayout(expert_dim, hidden_dim, optimizer_state)
         meta = FileMeta(num_experts, expert_dim, hidden_dim, dtype_name(dtype), layout.numel,
                         optimizer_state)
