@@ -380,3 +380,10 @@ def test_open_caps_its_default_capacities_at_the_expert_count(tmp_path):
     TieredExpertStore(N, DIM, HIDDEN, 2, 4, "cpu", path=tmp_path).shutdown()
     with TieredExpertStore.open(tmp_path, "cpu") as s:
         assert (s.hbm_capacity, s.dram_capacity) == (N, N)
+
+
+def test_prefetch_returns_what_it_accepted_and_prefetch_slots_counts_free_slots(store):
+    store.get_experts([0])
+    assert store.prefetch_slots == 1                       # 2 slots, expert 0 in use
+    assert store.prefetch([0, 1, 2]) == [0, 1]             # 0 resident, 1 fits, 2 dropped
+    assert store.stats.prefetches_dropped == 1

@@ -199,11 +199,12 @@ class TieredExpertStore:
             self._in_use = ids
             return {e: self._expert(e) for e in ids}
 
-    def prefetch(self, expert_ids: Iterable[int], tier: str = "hbm") -> None:
+    def prefetch(self, expert_ids: Iterable[int], tier: str = "hbm") -> list[int]:
         """Start moving experts up to ``tier`` ("hbm" or "dram") in the background; return now.
 
         Never evicts experts in use (the last ``get_experts`` result, pinned ones) or the
         experts of this same call; requests that find no such slot are dropped and counted.
+        Returns the ids that are (or will shortly be) in ``tier``: the request less the drops.
         """
         if tier not in ("hbm", "dram"):
             raise ValueError(f"tier must be 'hbm' or 'dram', got {tier!r}")
@@ -213,10 +214,12 @@ class TieredExpertStore:
             if self.trace is not None:
                 self.trace.store_call(f"prefetch_{tier}", ids)
             protected = set(ids) | set(self._in_use) | set(self._pins)
+            accepted = []
             for e in ids:
                 resident = self._plan.hbm_of if tier == "hbm" else self._plan.dram_of
                 if e in resident:
                     self._touch(e, hbm=tier == "hbm")
+                    accepted.append(e)
                     continue
                 moves = (self._plan_into_hbm(e, protected) if tier == "hbm"
                          else self._plan_into_dram(e))
@@ -227,6 +230,8 @@ class TieredExpertStore:
                 self._prefetched[tier].add(e)
                 self.stats.prefetches_issued += 1
                 self._engine.submit(moves, background=True)
+                accepted.append(e)
+            return accepted
 
     def mark_dirty(self, expert_ids: Iterable[int]) -> None:
         """Declare that the HBM copies of these experts were changed in place."""
@@ -315,6 +320,13 @@ class TieredExpertStore:
     def available_slots(self) -> int:
         """HBM slots that are not pinned: the most experts one get_experts call may ask for."""
         return self.hbm_capacity - len(self._pins)
+
+    @property
+    def prefetch_slots(self) -> int:
+        """HBM slots a prefetch may fill now: neither pinned nor holding the experts of the
+        last ``get_experts`` call."""
+        with self._lock:
+            return self.hbm_capacity - len(set(self._pins) | set(self._in_use))
 
     def where(self, expert_id: int) -> str:
         """The fastest tier the expert is in, or being copied to: "hbm", "dram" or "file"."""

@@ -1,0 +1,567 @@
+"""Environment detector and prefetch planner: which game is this, and which experts come next?
+
+**What.** ``EnvironmentDetector`` is a small CNN over a stack of frames with two heads: the
+game being played (one of ``num_envs``) and, for each of ``num_layers`` MoE layers, one logit
+per expert: the probability that the router uses that expert in the next step, the forward
+pass that will process this observation.
+``PrefetchPlanner`` turns those probabilities into ``store.prefetch(ids)`` calls issued before
+the step computes, then scores each plan against the experts the router really used
+(precision and coverage, with running totals).
+
+**Why.** An out-of-core MoE is fast only if the experts a step needs are already in HBM when
+the router asks for them; every miss stalls compute on a copy. A game played for thousands of
+steps reuses a working set of experts, so an LRU cache does well inside a game but misses at
+every switch. Predicting the working set from the pixels lets the copies start before the
+router runs. The seed prototype had this module but never trained it and prefetched a random
+set; here both heads are trained: cross-entropy on the game id, binary cross-entropy on a
+multi-hot target of the experts the router chose (``used_expert_targets``).
+
+**Training.** ``DetectorTrainer`` owns an Adam optimiser and a ring buffer of recent frames.
+Offline: ``fit(obs, game_ids)``. Online (one update per environment step): ``add`` the step's
+frames, game ids and routing, then ``step()`` trains on a minibatch drawn from the buffer;
+``train_step`` trains on whatever batch the caller passes.
+
+References: Mnih et al., *Human-level control through deep RL* (Nature 2015), the Atari CNN
+this one narrows; Eliseev & Mazur, *Fast Inference of Mixture-of-Experts Language Models with
+Offloading* (2023), speculative expert loading; Xue et al., *MoE-Infinity* (2024),
+activation-aware expert prefetching.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["DetectorPrediction", "used_expert_targets", "EnvironmentDetector",
+           "DetectorTrainer", "PlanRecord", "PrefetchPlanner", "evaluate_game_accuracy"]
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _check_int(name: str, value, low: int, high: int | None = None, hint: str = "") -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ValueError(f"{name} must be {bounds}, got {value}{hint}")
+    return int(value)
+
+
+def _as_tensor(x) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def _flat_ids(used_ids) -> set[int]:
+    """Expert ids from an int, a tensor (e.g. ``expert_indices``) or a nest of either."""
+    if isinstance(used_ids, Tensor):
+        return set(used_ids.reshape(-1).tolist())
+    if isinstance(used_ids, (int, np.integer)) and not isinstance(used_ids, bool):
+        return {int(used_ids)}
+    if isinstance(used_ids, np.ndarray):
+        return set(used_ids.reshape(-1).tolist())
+    ids: set[int] = set()
+    for item in used_ids:
+        ids |= _flat_ids(item)
+    return ids
+
+
+def used_expert_targets(expert_indices_per_layer: Tensor | Sequence[Tensor], num_experts: int,
+                        batch_size: int | None = None) -> Tensor:
+    """Multi-hot targets (float32) of the experts the router used, for the expert head.
+
+    ``expert_indices_per_layer``: one ``[tokens, top_k]`` index tensor per MoE layer, e.g.
+    ``[layer.last_routing.expert_indices for layer in layers]`` (a lone tensor is one layer).
+
+    - ``batch_size=B``: per observation. ``TieredMoELayer`` flattens ``[B, seq, dim]`` to
+      ``[B * seq, dim]``, so the tokens of observation ``b`` are the ``b``-th block of
+      ``tokens // B`` consecutive tokens (every layer's token count must be a multiple of
+      ``B``). Returns ``[B, num_layers, num_experts]``.
+    - ``batch_size=None``: per batch. The union over every token, ``[1, num_layers,
+      num_experts]``; ``DetectorTrainer`` broadcasts it to every observation of the batch, so
+      the head learns "used by the step that processes this observation", which is exactly
+      what a prefetch must cover when one step serves a batch of environments.
+    """
+    if isinstance(expert_indices_per_layer, Tensor):
+        expert_indices_per_layer = [expert_indices_per_layer]
+    layers = list(expert_indices_per_layer)
+    if not layers:
+        raise ValueError("expert_indices_per_layer is empty: pass one [tokens, top_k] tensor "
+                         "per MoE layer")
+    num_experts = _check_int("num_experts", num_experts, 1)
+    rows = 1 if batch_size is None else _check_int("batch_size", batch_size, 1)
+    out = torch.zeros(rows, len(layers), num_experts, device=layers[0].device)
+    for layer, indices in enumerate(layers):
+        if indices.dim() == 1:
+            indices = indices[:, None]
+        if indices.dim() != 2:
+            raise ValueError(f"layer {layer}: expert indices must be [tokens, top_k], got "
+                             f"{tuple(indices.shape)}")
+        tokens = indices.shape[0]
+        if indices.numel() and not (0 <= int(indices.min()) and
+                                    int(indices.max()) < num_experts):
+            raise ValueError(f"layer {layer}: expert ids must lie in 0..{num_experts - 1}")
+        if batch_size is not None and tokens % batch_size:
+            raise ValueError(f"layer {layer} routed {tokens} tokens, not a multiple of "
+                             f"batch_size={batch_size}: pass the batch size the layer saw, or "
+                             "batch_size=None for one per-batch target")
+        per_obs = tokens // rows if tokens else 1
+        sample = (torch.arange(tokens, device=indices.device) // per_obs)[:, None]
+        out[sample.expand_as(indices).reshape(-1), layer, indices.reshape(-1)] = 1.0
+    return out
+
+
+class DetectorPrediction(NamedTuple):
+    game: int                      # argmax of the batch-mean game probabilities
+    confidence: float              # that mean probability
+    game_probs: Tensor             # [B, num_envs]
+    expert_probs: Tensor           # [B, num_layers, num_experts]
+    prefetch_set: list[list[int]]  # per layer: top_k experts by aggregated probability, best first
+
+
+# -- the detector -------------------------------------------------------------------------
+class EnvironmentDetector(nn.Module):
+    """Game classifier + next-step expert predictor over stacked frames.
+
+    Args:
+        obs_shape: one frame, ``(C, H, W)``, e.g. ``(1, 84, 84)`` for grey Atari frames.
+        num_envs: how many games it tells apart.
+        num_experts: experts per MoE layer.
+        hidden_dim: width of the shared features both heads read.
+        history_len: frames stacked per observation; the input is ``[B, C * history_len, H, W]``
+            (``AtariVectorEnv``'s ``[B, 4, 84, 84]`` for ``(1, 84, 84)`` and 4).
+        num_layers: MoE layers; the head predicts each layer's experts separately.
+
+    ``forward(obs)`` returns ``(game_logits [B, num_envs], expert_logits [B, num_layers,
+    num_experts])``. uint8 frames are scaled by 1/255 inside; floating frames are taken as
+    already in [0, 1]. The encoder is the Nature-DQN shape with half its channels (16, 32, 32
+    instead of 32, 64, 64): telling games apart from pixels is easy, and it runs every step.
+    """
+
+    def __init__(self, obs_shape: Sequence[int], num_envs: int, num_experts: int,
+                 hidden_dim: int = 256, history_len: int = 4, num_layers: int = 1) -> None:
+        super().__init__()
+        if len(tuple(obs_shape)) != 3:
+            raise ValueError(f"obs_shape must be one frame's (C, H, W), e.g. (1, 84, 84), got "
+                             f"{tuple(obs_shape)}")
+        c, h, w = (_check_int(f"obs_shape[{i}]", v, 1) for i, v in enumerate(obs_shape))
+        self.num_envs = _check_int("num_envs", num_envs, 1)
+        self.num_experts = _check_int("num_experts", num_experts, 1)
+        self.num_layers = _check_int("num_layers", num_layers, 1)
+        self.history_len = _check_int("history_len", history_len, 1)
+        hidden_dim = _check_int("hidden_dim", hidden_dim, 1)
+        if h < 36 or w < 36:
+            raise ValueError(f"frames of {h}x{w} are too small for the encoder (8/4, 4/2, 3/1 "
+                             "convolutions): use at least 36x36, e.g. the 84x84 Atari frames")
+        self.obs_shape = (c, h, w)
+        self.input_shape = (c * history_len, h, w)      # what forward expects per observation
+        self.encoder = nn.Sequential(
+            nn.Conv2d(c * history_len, 16, 8, stride=4), nn.ReLU(),   # 84 -> 20
+            nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(),                # 20 -> 9
+            nn.Conv2d(32, 32, 3, stride=1), nn.ReLU(),                # 9 -> 7
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            features = self.encoder(torch.zeros(1, *self.input_shape)).shape[1]
+        self.proj = nn.Sequential(nn.Linear(features, hidden_dim), nn.ReLU())
+        self.game_head = nn.Linear(hidden_dim, num_envs)
+        self.expert_head = nn.Linear(hidden_dim, num_layers * num_experts)
+
+    def prepare(self, obs) -> Tensor:
+        """``obs`` as float ``[B, C * history_len, H, W]`` in [0, 1] on this module's device.
+
+        Accepts ``[C * history_len, H, W]`` (one observation), ``[B, C * history_len, H, W]``
+        or ``[B, history_len, C, H, W]``; tensors or numpy arrays.
+        """
+        x = _as_tensor(obs)
+        expected = self.input_shape
+        if x.dim() == 5 and tuple(x.shape[1:]) == (self.history_len, *self.obs_shape):
+            x = x.reshape(x.shape[0], *expected)
+        elif x.dim() == 3 and tuple(x.shape) == expected:
+            x = x[None]
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected or x.shape[0] == 0:
+            raise ValueError(
+                f"expected observations of shape [B, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}] (history_len={self.history_len} frames of "
+                f"{self.obs_shape}), got {tuple(x.shape)}")
+        device = self.game_head.weight.device
+        if x.dtype == torch.uint8:
+            return x.to(device).float().div_(255.0)
+        if not x.is_floating_point():
+            raise ValueError(f"observations must be uint8 frames (or floats in [0, 1]), got "
+                             f"{x.dtype}")
+        return x.to(device, torch.float32)
+
+    def forward(self, obs) -> tuple[Tensor, Tensor]:
+        h = self.proj(self.encoder(self.prepare(obs)))                    # [B, hidden]
+        expert_logits = self.expert_head(h).view(-1, self.num_layers, self.num_experts)
+        return self.game_head(h), expert_logits
+
+    @torch.no_grad()
+    def predict(self, obs, top_k: int, *, reduce: str = "mean") -> DetectorPrediction:
+        """The game and, per layer, the ``top_k`` experts to prefetch for the batch ``obs``.
+
+        The batch is aggregated with ``reduce``: "mean" ranks experts by their mean
+        probability over the batch (the expected share of observations that use them);
+        "any" by ``1 - prod(1 - p)``, the chance that at least one observation of the batch
+        uses them if observations were independent. The game is the argmax of the
+        batch-mean game probabilities; ``confidence`` is that mean probability.
+        """
+        top_k = _check_int("top_k", top_k, 1, self.num_experts,
+                           f" (this detector predicts {self.num_experts} experts per layer)")
+        game_logits, expert_logits = self(obs)
+        game_probs = F.softmax(game_logits, dim=-1)                       # [B, num_envs]
+        expert_probs = torch.sigmoid(expert_logits)                       # [B, L, E]
+        mean_game = game_probs.mean(0)
+        scores = _aggregate(expert_probs, reduce)                         # [L, E]
+        prefetch = scores.topk(top_k, dim=-1).indices.tolist()
+        return DetectorPrediction(int(mean_game.argmax()), float(mean_game.max()), game_probs,
+                                  expert_probs, prefetch)
+
+    def get_prefetch_set(self, obs, top_k: int) -> list[list[int]]:
+        """``predict(obs, top_k).prefetch_set``: per layer, the ``top_k`` likeliest experts."""
+        return self.predict(obs, top_k).prefetch_set
+
+    @torch.no_grad()
+    def expert_scores(self, obs, reduce: str = "mean") -> Tensor:
+        """Batch-aggregated expert probabilities ``[num_layers, num_experts]`` (see predict)."""
+        return _aggregate(torch.sigmoid(self(obs)[1]), reduce)
+
+
+def _aggregate(expert_probs: Tensor, reduce: str) -> Tensor:
+    if reduce == "mean":
+        return expert_probs.mean(0)
+    if reduce == "any":
+        return 1.0 - (1.0 - expert_probs).prod(0)
+    raise ValueError(f"reduce must be 'mean' or 'any', got {reduce!r}")
+
+
+# -- training -------------------------------------------------------------------------------
+class DetectorTrainer:
+    """Adam on ``game_loss + expert_loss_coef * expert_loss`` for an ``EnvironmentDetector``.
+
+    - ``train_step(obs, game_ids, used_experts)``: one update on exactly this batch;
+    - online: ``add(obs, game_ids, used_experts)`` each environment step, then ``step()``:
+      one update on ``batch_size`` observations drawn uniformly from the last
+      ``buffer_size`` added (a ring buffer of uint8 frames on the CPU);
+    - offline: ``fit(obs, game_ids, steps=...)``: random minibatches of a labelled set.
+
+    ``game_ids`` may be None (or -1 per observation) when the game is unknown and
+    ``used_experts`` None when there is no routing; those terms are then left out.
+    ``used_experts`` is a multi-hot ``[B, num_layers, num_experts]`` or a per-batch
+    ``[1, num_layers, num_experts]`` target, as ``used_expert_targets`` builds.
+    """
+
+    def __init__(self, detector: EnvironmentDetector, lr: float = 1e-3, *,
+                 expert_loss_coef: float = 1.0, batch_size: int = 64, buffer_size: int = 2048,
+                 seed: int = 0) -> None:
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.detector = detector
+        self.optimizer = torch.optim.Adam(detector.parameters(), lr=lr)
+        self.expert_loss_coef = float(expert_loss_coef)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.buffer_size = _check_int("buffer_size", buffer_size, 1)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = 0
+        L, E = detector.num_layers, detector.num_experts
+        # the ring buffer, allocated on the first add (frames are large)
+        self._obs: Tensor | None = None                                   # [N, C*T, H, W] uint8
+        self._games = torch.full((self.buffer_size,), -1, dtype=torch.long)
+        self._used = torch.zeros(self.buffer_size, L, E, dtype=torch.bool)
+        self._has_used = torch.zeros(self.buffer_size, dtype=torch.bool)
+        self._next, self._size = 0, 0
+
+    def __len__(self) -> int:
+        """How many observations the buffer holds."""
+        return self._size
+
+    def _targets(self, batch: int, game_ids, used_experts) -> tuple[Tensor, Tensor | None]:
+        det = self.detector
+        games = (torch.full((batch,), -1, dtype=torch.long) if game_ids is None
+                 else _as_tensor(game_ids).reshape(-1).long())
+        if games.numel() == 1 and batch > 1:
+            games = games.expand(batch)
+        if games.numel() != batch:
+            raise ValueError(f"{games.numel()} game ids for {batch} observations")
+        if bool(((games < -1) | (games >= det.num_envs)).any()):
+            raise ValueError(f"game ids must lie in 0..{det.num_envs - 1} (or -1 = unknown)")
+        if used_experts is None:
+            return games, None
+        used = _as_tensor(used_experts).float()
+        if used.dim() == 2:
+            used = used[None]
+        if used.dim() != 3 or tuple(used.shape[1:]) != (det.num_layers, det.num_experts) or (
+                used.shape[0] not in (1, batch)):
+            raise ValueError(f"used_experts must be [B or 1, {det.num_layers}, "
+                             f"{det.num_experts}] (num_layers, num_experts), got "
+                             f"{tuple(used.shape)}: build it with used_expert_targets")
+        return games, used.expand(batch, -1, -1)
+
+    def train_step(self, obs, game_ids=None, used_experts=None) -> dict[str, float]:
+        """One Adam step on this batch; returns the losses and the batch's game accuracy."""
+        x = self.detector.prepare(obs)
+        games, used = self._targets(x.shape[0], game_ids, used_experts)
+        return self._update(x, games, used, None)
+
+    def _update(self, x: Tensor, games: Tensor, used: Tensor | None,
+                has_used: Tensor | None) -> dict[str, float]:
+        """``has_used`` [B] bool: which rows of ``used`` are real (None = all)."""
+        device = x.device
+        games = games.to(device)
+        known = games >= 0                               # observations with a game label
+        if used is not None:
+            has_used = (torch.ones(x.shape[0], dtype=torch.bool) if has_used is None
+                        else has_used).to(device)
+            used = used.to(device)
+        if not known.any() and (used is None or not has_used.any()):
+            # nothing to learn from: no step (Adam would still move on old moments)
+            return {"loss": 0.0, "game_loss": 0.0, "expert_loss": 0.0,
+                    "game_accuracy": math.nan}
+        game_logits, expert_logits = self.detector(x)    # [B, num_envs], [B, L, E]
+        zero = game_logits.new_zeros(())
+        game_loss = F.cross_entropy(game_logits[known], games[known]) if known.any() else zero
+        expert_loss = zero
+        if used is not None and has_used.any():
+            expert_loss = F.binary_cross_entropy_with_logits(expert_logits[has_used],
+                                                             used[has_used])
+        loss = game_loss + self.expert_loss_coef * expert_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        with torch.no_grad():
+            hits = game_logits.argmax(-1)[known] == games[known]
+        return {"loss": loss.item(), "game_loss": game_loss.item(),
+                "expert_loss": expert_loss.item(),
+                "game_accuracy": hits.float().mean().item() if known.any() else math.nan}
+
+    def add(self, obs, game_ids=None, used_experts=None) -> None:
+        """Append a batch of uint8 observations (and their labels) to the ring buffer; the
+        oldest are overwritten once it holds ``buffer_size``."""
+        x = _as_tensor(obs)
+        if x.dtype != torch.uint8:
+            raise ValueError(f"the buffer stores raw uint8 frames, got {x.dtype}")
+        if x.dim() == len(self.detector.input_shape):
+            x = x[None]
+        self.detector.prepare(x[:1])                                      # checks the shape
+        x = x.reshape(x.shape[0], *self.detector.input_shape)
+        games, used = self._targets(x.shape[0], game_ids, used_experts)
+        keep = slice(max(0, x.shape[0] - self.buffer_size), None)        # newest that fit
+        x, games = x[keep], games[keep]
+        slots = (self._next + torch.arange(x.shape[0])) % self.buffer_size
+        if self._obs is None:
+            self._obs = torch.empty(self.buffer_size, *self.detector.input_shape,
+                                    dtype=torch.uint8)
+        self._obs[slots] = x.cpu()
+        self._games[slots] = games.cpu()
+        self._has_used[slots] = used is not None
+        self._used[slots] = used[keep].cpu() > 0.5 if used is not None else False
+        self._next = int(slots[-1] + 1) % self.buffer_size
+        self._size = min(self._size + x.shape[0], self.buffer_size)
+
+    def step(self) -> dict[str, float]:
+        """One update on ``batch_size`` observations drawn from the buffer (the expert loss
+        only over those added with their routing)."""
+        if self._size == 0:
+            raise RuntimeError("the buffer is empty: add() observations before step()")
+        idx = torch.randint(self._size, (min(self.batch_size, self._size),),
+                            generator=self.generator)
+        x = self.detector.prepare(self._obs[idx])
+        has_used = self._has_used[idx]
+        used = self._used[idx].float() if has_used.any() else None
+        return self._update(x, self._games[idx], used, has_used)
+
+    def fit(self, obs, game_ids, used_experts=None, *, steps: int,
+            max_seconds: float | None = None) -> dict[str, float]:
+        """Up to ``steps`` updates on random minibatches of ``(obs, game_ids, used_experts)``,
+        stopping early after ``max_seconds``. Returns the last losses, steps and seconds."""
+        steps = _check_int("steps", steps, 1)
+        obs_t = _as_tensor(obs)
+        games = _as_tensor(game_ids).reshape(-1)
+        used = None if used_experts is None else _as_tensor(used_experts)
+        n = obs_t.shape[0]
+        if games.numel() != n or (used is not None and used.shape[0] != n):
+            raise ValueError(f"{n} observations but {games.numel()} game ids"
+                             + ("" if used is None else f" and {used.shape[0]} expert targets"))
+        started, losses, done = time.perf_counter(), {}, 0
+        for done in range(1, steps + 1):
+            idx = torch.randint(n, (min(self.batch_size, n),), generator=self.generator)
+            losses = self.train_step(obs_t[idx], games[idx],
+                                     None if used is None else used[idx])
+            if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                break
+        return {**losses, "steps": done, "seconds": time.perf_counter() - started}
+
+
+@torch.no_grad()
+def evaluate_game_accuracy(detector: EnvironmentDetector, obs, game_ids,
+                           batch_size: int = 256) -> tuple[float, np.ndarray]:
+    """Game accuracy on ``(obs, game_ids)`` and the confusion matrix ``[num_envs, num_envs]``
+    (int64; row = true game, column = predicted game)."""
+    batch_size = _check_int("batch_size", batch_size, 1)
+    obs_t = _as_tensor(obs)
+    games = _as_tensor(game_ids).reshape(-1).long()
+    if games.numel() != obs_t.shape[0] or games.numel() == 0:
+        raise ValueError(f"{obs_t.shape[0]} observations but {games.numel()} game ids")
+    if bool(((games < 0) | (games >= detector.num_envs)).any()):
+        raise ValueError(f"game ids must lie in 0..{detector.num_envs - 1}")
+    predicted = torch.cat([detector(obs_t[i:i + batch_size])[0].argmax(-1).cpu()
+                           for i in range(0, obs_t.shape[0], batch_size)])
+    confusion = np.zeros((detector.num_envs, detector.num_envs), dtype=np.int64)
+    np.add.at(confusion, (games.numpy(), predicted.numpy()), 1)
+    return float(np.trace(confusion) / confusion.sum()), confusion
+
+
+# -- prefetching -----------------------------------------------------------------------------
+@dataclass
+class PlanRecord:
+    """One step of a ``PrefetchPlanner``: what it asked for and, once observed, what was used."""
+    planned: list[int]                  # ids passed to store.prefetch, likeliest first
+    dropped: int                        # of those, requests the store dropped (no free slot)
+    used: list[int] | None = None       # experts the step really used (set by observe)
+
+    @property
+    def hits(self) -> int:
+        return len(set(self.planned) & set(self.used or ()))
+
+
+@dataclass
+class _Totals:
+    steps: int = 0          # observed plans
+    planned: int = 0        # ids planned in observed steps
+    used: int = 0
+    hits: int = 0
+    dropped: int = 0        # store drops over every plan
+    unobserved: int = 0     # plans replaced before observe() was called
+
+
+class PrefetchPlanner:
+    """Predicts the next step's experts and prefetches them before the step computes.
+
+    Call ``plan(obs)`` as soon as a step's observations are known, before the forward pass
+    that routes them, and ``observe(used_ids)`` after it. ``plan`` scores the experts of
+    ``store`` with the detector, keeps those with probability ``>= min_prob``, at most
+    ``top_k`` of them (None = no limit) and never more than ``store.prefetch_slots`` (the HBM
+    slots neither pinned nor holding the last ``get_experts`` result; for ``tier="dram"``:
+    ``store.dram_capacity``), and passes them, likeliest first, to ``store.prefetch(ids,
+    tier)``, which returns at once with the ids it accepted; ``PlanRecord.dropped`` counts the
+    others (rare). ``observe`` then scores the plan against the experts the step used:
+
+    - precision = planned experts that were used / planned experts,
+    - coverage  = used experts that had been planned / used experts,
+
+    per step (returned) and as running totals (``precision``, ``coverage``, ``summary()``).
+    These grade the *prediction*; the store's ``prefetches_*`` counters grade the transfers
+    (an expert already in HBM is planned, and counted here, but costs no copy).
+
+    ``layer``: the MoE layer whose experts ``store`` holds, when each layer has its own store
+    (one planner per layer). None: every layer draws from this one store, and an expert's
+    score is ``1 - prod_l(1 - p_l)``, the chance that some layer uses it.
+    """
+
+    def __init__(self, store, detector: EnvironmentDetector, top_k: int | None = None, *,
+                 min_prob: float = 0.5, layer: int | None = None, tier: str = "hbm",
+                 reduce: str = "mean", keep_history: bool = True) -> None:
+        if store.num_experts != detector.num_experts:
+            raise ValueError(f"the store holds {store.num_experts} experts but the detector "
+                             f"predicts {detector.num_experts} per layer")
+        if top_k is not None:
+            _check_int("top_k", top_k, 1, detector.num_experts)
+        if layer is not None:
+            _check_int("layer", layer, 0, detector.num_layers - 1)
+        if not 0.0 <= min_prob <= 1.0:
+            raise ValueError(f"min_prob must lie in [0, 1], got {min_prob}")
+        if tier not in ("hbm", "dram"):
+            raise ValueError(f"tier must be 'hbm' or 'dram', got {tier!r}")
+        _aggregate(torch.zeros(1, 1), reduce)                             # validates reduce
+        self.store, self.detector = store, detector
+        self.top_k, self.min_prob, self.layer = top_k, min_prob, layer
+        self.tier, self.reduce, self.keep_history = tier, reduce, keep_history
+        self.history: list[PlanRecord] = []
+        self._pending: PlanRecord | None = None
+        self._totals = _Totals()
+
+    def scores(self, obs) -> Tensor:
+        """The probability ``[num_experts]`` that the next step uses each of the store's
+        experts."""
+        probs = self.detector.expert_scores(obs, self.reduce)            # [L, E]
+        if self.layer is not None:
+            return probs[self.layer]
+        return 1.0 - (1.0 - probs).prod(0)
+
+    def plan(self, obs) -> list[int]:
+        """Prefetch the experts predicted for ``obs``'s step; returns the ids asked for."""
+        scores = self.scores(obs).cpu()
+        budget = (self.store.prefetch_slots if self.tier == "hbm"
+                  else self.store.dram_capacity)
+        if self.top_k is not None:
+            budget = min(budget, self.top_k)
+        order = torch.argsort(scores, descending=True, stable=True)
+        ids = [int(e) for e in order[:max(budget, 0)] if scores[e] >= self.min_prob]
+        dropped = len(ids) - len(self.store.prefetch(ids, tier=self.tier)) if ids else 0
+        if self._pending is not None:                  # the last plan was never observed
+            self._record(self._pending)
+        self._pending = PlanRecord(ids, dropped)
+        return ids
+
+    def observe(self, used_ids) -> dict[str, float]:
+        """Score the last plan against ``used_ids`` (ids, a tensor such as
+        ``layer.last_routing.expert_indices``, or a list of them); returns that step's
+        ``precision`` and ``coverage`` (nan when nothing was planned / used)."""
+        if self._pending is None:
+            raise RuntimeError("observe() scores the last plan(): call plan(obs) first")
+        used = sorted(_flat_ids(used_ids))
+        if used and not (0 <= used[0] and used[-1] < self.store.num_experts):
+            raise ValueError(f"used expert ids must lie in 0..{self.store.num_experts - 1}, "
+                             f"got {used}")
+        record, self._pending = self._pending, None
+        record.used = used
+        self._record(record)
+        return {"precision": _ratio(record.hits, len(record.planned)),
+                "coverage": _ratio(record.hits, len(record.used))}
+
+    def _record(self, record: PlanRecord) -> None:
+        t = self._totals
+        t.dropped += record.dropped
+        if record.used is None:       # an unobserved plan cannot be scored
+            t.unobserved += 1
+        else:
+            t.steps += 1
+            t.planned += len(record.planned)
+            t.used += len(record.used)
+            t.hits += record.hits
+        if self.keep_history:
+            self.history.append(record)
+
+    @property
+    def precision(self) -> float:
+        """Planned experts that were then used / planned experts, over observed steps."""
+        return _ratio(self._totals.hits, self._totals.planned)
+
+    @property
+    def coverage(self) -> float:
+        """Used experts that had been planned / used experts, over observed steps."""
+        return _ratio(self._totals.hits, self._totals.used)
+
+    def summary(self) -> dict[str, float]:
+        t = self._totals
+        return {"steps": t.steps, "planned": t.planned, "used": t.used, "hits": t.hits,
+                "dropped": t.dropped, "unobserved": t.unobserved, "precision": self.precision,
+                "coverage": self.coverage}
+
+    def reset(self) -> None:
+        """Forget the history and the running totals."""
+        self.history.clear()
+        self._pending = None
+        self._totals = _Totals()
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else math.nan

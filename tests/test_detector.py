@@ -1,0 +1,273 @@
+"""Environment detector on real Atari frames, its training targets, and the prefetch planner."""
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ooc_moe import TieredExpertStore, TieredMoELayer
+from ooc_moe.detector import (DetectorTrainer, EnvironmentDetector, PrefetchPlanner,
+                              evaluate_game_accuracy, used_expert_targets)
+from ooc_moe.envs import collect_frames
+
+FRAME = (1, 84, 84)
+SLOW = pytest.mark.skipif(os.environ.get("OOC_MOE_SLOW") != "1",
+                          reason="slow: set OOC_MOE_SLOW=1 to run")
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """Real frames of two games: 160 per game to train on, then 64 later ones held out."""
+    obs, game_ids = collect_frames(["pong", "breakout"], 224, num_envs=8, seed=0, stride=2)
+    later = np.arange(len(obs)) % 224 >= 160
+    return (torch.from_numpy(obs[~later]), torch.from_numpy(game_ids[~later]),
+            torch.from_numpy(obs[later]), torch.from_numpy(game_ids[later]))
+
+
+def make_detector(num_envs=2, num_experts=8, num_layers=1, seed=0):
+    torch.manual_seed(seed)
+    return EnvironmentDetector(FRAME, num_envs, num_experts, hidden_dim=64,
+                               num_layers=num_layers)
+
+
+# -- shapes and bad input --------------------------------------------------------------------
+def test_forward_shapes():
+    det = make_detector(num_envs=3, num_experts=8, num_layers=2)
+    obs = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+    game_logits, expert_logits = det(obs)
+    assert game_logits.shape == (5, 3) and expert_logits.shape == (5, 2, 8)
+    assert det(obs[0])[0].shape == (1, 3)                               # one observation
+    assert torch.allclose(det(obs.view(5, 4, 1, 84, 84))[0], game_logits)  # [B, T, C, H, W]
+    assert torch.allclose(det(obs.float() / 255)[0], game_logits, atol=1e-6)
+    assert torch.allclose(det(obs.numpy())[0], game_logits)
+    pred = det.predict(obs, top_k=3)
+    assert pred.game_probs.shape == (5, 3) and pred.expert_probs.shape == (5, 2, 8)
+    assert [len(s) for s in pred.prefetch_set] == [3, 3]
+    assert 0 <= pred.game < 3 and 0.0 < pred.confidence <= 1.0
+    assert det.get_prefetch_set(obs, 3) == pred.prefetch_set
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 84, 84), (5, 4, 84, 80), (4, 84), (0, 4, 84, 84)])
+def test_wrong_obs_shape_names_the_expected_shape(shape):
+    det = make_detector()
+    with pytest.raises(ValueError, match=r"\[B, 4, 84, 84\]"):
+        det(torch.zeros(shape, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("top_k", [0, 9, -1])
+def test_top_k_must_fit_the_experts(top_k):
+    det = make_detector(num_experts=8)
+    with pytest.raises(ValueError, match="top_k"):
+        det.predict(torch.zeros(1, 4, 84, 84, dtype=torch.uint8), top_k)
+
+
+@pytest.mark.parametrize("kwargs", [dict(obs_shape=(84, 84)), dict(num_envs=0),
+                                    dict(num_experts=0), dict(obs_shape=(1, 20, 20))])
+def test_bad_constructor_arguments(kwargs):
+    args = dict(obs_shape=FRAME, num_envs=2, num_experts=4) | kwargs
+    with pytest.raises(ValueError):
+        EnvironmentDetector(**args)
+
+
+# -- targets from the router -------------------------------------------------------------------
+def test_used_expert_targets_per_observation_and_per_batch():
+    # 2 observations x 3 tokens, top-2; layer 1 routes differently
+    layer0 = torch.tensor([[0, 1], [1, 2], [0, 2], [5, 6], [5, 6], [6, 7]])
+    layer1 = torch.tensor([[3, 4]] * 3 + [[4, 0]] * 3)
+    per_obs = used_expert_targets([layer0, layer1], 8, batch_size=2)
+    assert per_obs.shape == (2, 2, 8)
+    assert per_obs[0, 0].nonzero().flatten().tolist() == [0, 1, 2]
+    assert per_obs[1, 0].nonzero().flatten().tolist() == [5, 6, 7]
+    assert per_obs[0, 1].nonzero().flatten().tolist() == [3, 4]
+    assert per_obs[1, 1].nonzero().flatten().tolist() == [0, 4]
+    per_batch = used_expert_targets([layer0, layer1], 8)
+    assert per_batch.shape == (1, 2, 8)
+    assert torch.equal(per_batch[0], per_obs.amax(0))
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        used_expert_targets(layer0, 8, batch_size=4)
+    with pytest.raises(ValueError, match="0..3"):
+        used_expert_targets(layer0, 4)
+
+
+def test_used_expert_targets_from_a_real_moe_layer(tmp_path):
+    batch, seq, dim = 3, 5, 4
+    with TieredExpertStore(8, dim, 8, 8, 8, "cpu", path=tmp_path) as store, torch.no_grad():
+        torch.manual_seed(0)
+        layer = TieredMoELayer(dim, 8, store, top_k=2, dropout=0.0)
+        layer.router.router.weight.normal_(0, 1.0)
+        layer(torch.randn(batch, seq, dim))
+        indices = layer.last_routing.expert_indices                     # [batch * seq, 2]
+    targets = used_expert_targets([indices], 8, batch_size=batch)
+    for b in range(batch):
+        used = set(indices[b * seq:(b + 1) * seq].flatten().tolist())
+        assert set(targets[b, 0].nonzero().flatten().tolist()) == used
+
+
+# -- training on real frames -------------------------------------------------------------------
+def test_game_accuracy_on_held_out_real_frames(frames):
+    x, y, x_test, y_test = frames
+    det = make_detector()
+    trainer = DetectorTrainer(det, batch_size=32)
+    result = trainer.fit(x, y, steps=40)
+    assert result["steps"] == 40 and trainer.steps == 40
+    accuracy, confusion = evaluate_game_accuracy(det, x_test, y_test, batch_size=50)
+    assert accuracy > 0.9
+    assert confusion.shape == (2, 2) and confusion.sum() == len(y_test)
+    assert confusion.sum(1).tolist() == [64, 64]                        # rows: true games
+    assert math.isclose(accuracy, np.trace(confusion) / len(y_test))
+
+
+def test_expert_head_learns_each_games_experts(frames):
+    # game g's steps use experts {2g, 2g+1} in layer 0 and {7 - g} in layer 1
+    x, y, x_test, y_test = frames
+    targets = torch.zeros(len(y), 2, 8)
+    for g in (0, 1):
+        targets[y == g, 0, 2 * g] = targets[y == g, 0, 2 * g + 1] = 1
+        targets[y == g, 1, 7 - g] = 1
+    det = make_detector(num_layers=2)
+    DetectorTrainer(det, lr=2e-3, batch_size=32).fit(x, y, targets, steps=60)
+    for g in (0, 1):
+        prediction = det.predict(x_test[y_test == g], top_k=2)
+        assert prediction.game == g
+        assert set(prediction.prefetch_set[0]) == {2 * g, 2 * g + 1}
+        assert prediction.prefetch_set[1][0] == 7 - g
+
+
+def test_online_training_from_a_ring_buffer(frames):
+    x, y, _, _ = frames
+    det = make_detector()
+    trainer = DetectorTrainer(det, batch_size=8, buffer_size=16)
+    trainer.add(x[:10], y[:10])                            # game labels, no routing
+    assert len(trainer) == 10
+    routing = used_expert_targets(torch.tensor([[1, 2]]), 8)   # one per-batch target
+    trainer.add(x[10:20], y[10:20], routing)
+    assert len(trainer) == 16                              # the oldest 4 were overwritten
+    assert torch.equal(trainer._obs[:4], x[16:20]) and torch.equal(trainer._obs[4:10], x[4:10])
+    losses = trainer.step()
+    assert set(losses) >= {"loss", "game_loss", "expert_loss", "game_accuracy"}
+    assert all(math.isfinite(v) for v in losses.values())
+    before = [p.clone() for p in det.parameters()]
+    unlabelled = trainer.train_step(x[:4])                 # no labels: no update at all
+    assert unlabelled["loss"] == 0.0 and math.isnan(unlabelled["game_accuracy"])
+    assert trainer.steps == 1 and all(torch.equal(a, b) for a, b in zip(before, det.parameters()))
+    with pytest.raises(ValueError, match="uint8"):
+        trainer.add(x[:2].float())
+    with pytest.raises(ValueError, match=r"\[B or 1, 1, 8\]"):
+        trainer.train_step(x[:2], y[:2], torch.zeros(2, 8, 1))
+    with pytest.raises(RuntimeError, match="empty"):
+        DetectorTrainer(det).step()
+
+
+@SLOW
+@pytest.mark.slow
+def test_four_games_reach_99_percent_within_two_minutes():
+    games = ["pong", "breakout", "boxing", "freeway"]
+    x, y = collect_frames(games, 2000, seed=0)
+    x_test, y_test = collect_frames(games, 1000, seed=1)         # other episodes entirely
+    torch.manual_seed(0)
+    det = EnvironmentDetector(FRAME, len(games), num_experts=32)
+    trainer = DetectorTrainer(det, batch_size=64)
+    started, accuracy = time.perf_counter(), 0.0
+    while accuracy < 0.995 and time.perf_counter() - started < 120:
+        trainer.fit(torch.from_numpy(x), torch.from_numpy(y), steps=50)
+        accuracy, confusion = evaluate_game_accuracy(det, x_test, y_test)
+    print(f"\n{trainer.steps} steps of 64, {time.perf_counter() - started:.1f} s (with "
+          f"evaluation): held-out accuracy {accuracy:.4f}\n{confusion}")
+    assert accuracy >= 0.99
+
+
+# -- the prefetch planner ----------------------------------------------------------------------
+def fixed_detector(probs_per_layer):
+    """A real detector whose expert head ignores the frames and outputs ``probs_per_layer``."""
+    probs = torch.tensor(probs_per_layer, dtype=torch.float32)
+    det = make_detector(num_experts=probs.shape[1], num_layers=probs.shape[0])
+    with torch.no_grad():
+        det.expert_head.weight.zero_()
+        det.expert_head.bias.copy_(torch.logit(probs).reshape(-1))
+    return det
+
+
+PROBS = [0.9, 0.8, 0.7, 0.6, 0.55, 0.1, 0.05, 0.01]
+OBS = torch.zeros(2, 4, 84, 84, dtype=torch.uint8)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with TieredExpertStore(8, 4, 8, hbm_capacity=4, dram_capacity=8, device="cpu",
+                           path=tmp_path) as s:
+        yield s
+
+
+def spy_on_prefetch(store):
+    calls = []
+    real = store.prefetch
+
+    def prefetch(ids, tier="hbm"):
+        calls.append((list(ids), store.prefetch_slots))
+        return real(ids, tier)
+    store.prefetch = prefetch
+    return calls
+
+
+def test_planner_precision_and_coverage(store):
+    planner = PrefetchPlanner(store, fixed_detector([PROBS]))
+    calls = spy_on_prefetch(store)
+    store.pin([7])                                   # 3 of the 4 HBM slots stay free
+    assert planner.plan(OBS) == [0, 1, 2]            # the likeliest that fit
+    store.synchronize()
+    assert [store.where(e) for e in (0, 1, 2)] == ["hbm"] * 3
+    step = planner.observe([0, 3, 7])
+    assert step == {"precision": 1 / 3, "coverage": 1 / 3}
+    store.unpin([7])
+    # 7, unpinned but still the store's last get_experts result, keeps its slot: 3 are free
+    assert store.prefetch_slots == 3
+    assert planner.plan(OBS) == [0, 1, 2]
+    store.get_experts([1, 2, 3, 5])
+    step = planner.observe(torch.tensor([[1, 2], [3, 5]]))  # an expert_indices tensor
+    assert step == {"precision": 2 / 3, "coverage": 2 / 4}
+    assert planner.precision == 3 / 6 and planner.coverage == 3 / 7
+    summary = planner.summary()
+    assert (summary["steps"], summary["planned"], summary["used"], summary["hits"]) == (2, 6, 7, 3)
+    assert [r.hits for r in planner.history] == [1, 2]
+    assert all(len(ids) <= slots for ids, slots in calls)
+    assert summary["dropped"] == 0
+    assert store.get_stats_summary()["prefetch_hits"] == 2                # 1 and 2 waited
+    planner.reset()
+    assert planner.summary()["steps"] == 0 and math.isnan(planner.precision)
+
+
+@pytest.mark.parametrize("pinned", [0, 1, 2, 3])
+@pytest.mark.parametrize("top_k, min_prob", [(None, 0.0), (2, 0.0), (8, 0.5), (None, 0.75)])
+def test_planner_never_asks_for_more_than_the_free_slots(store, pinned, top_k, min_prob):
+    planner = PrefetchPlanner(store, fixed_detector([PROBS]), top_k, min_prob=min_prob)
+    calls = spy_on_prefetch(store)
+    if pinned:
+        store.pin(list(range(8 - pinned, 8)))
+    ids = planner.plan(OBS)
+    expected = [e for e, p in enumerate(PROBS) if p >= min_prob][:min(4 - pinned, top_k or 8)]
+    assert ids == expected
+    assert all(len(asked) <= slots for asked, slots in calls)
+    assert planner.summary()["dropped"] == 0
+
+
+def test_planner_over_layers_sharing_one_store(store):
+    # expert 4 is unlikely in each layer alone but likely in at least one (1 - 0.6^2 = 0.64)
+    det = fixed_detector([[0.9, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1, 0.1],
+                          [0.1, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1, 0.8]])
+    assert PrefetchPlanner(store, det).plan(OBS) == [0, 7, 4]
+    assert PrefetchPlanner(store, det, layer=1).plan(OBS) == [7]
+
+
+def test_planner_bad_use(store):
+    planner = PrefetchPlanner(store, fixed_detector([PROBS]))
+    with pytest.raises(RuntimeError, match="plan"):
+        planner.observe([0])
+    with pytest.raises(ValueError, match="16 per layer"):
+        PrefetchPlanner(store, make_detector(num_experts=16))
+    with pytest.raises(ValueError, match="top_k"):
+        PrefetchPlanner(store, fixed_detector([PROBS]), top_k=9)
+    with pytest.raises(ValueError, match="layer"):
+        PrefetchPlanner(store, fixed_detector([PROBS]), layer=1)
