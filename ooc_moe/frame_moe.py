@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .detector import DetectorTrainer, PrefetchPlanner, used_expert_targets
 from .moe import ExpertOptimizer, TieredMoELayer
 from .store import TieredExpertStore
 from .trace import RoutingTrace
@@ -71,8 +72,15 @@ class SequentialRun:
 
 def train_sequentially(model: FrameMoE, frames: np.ndarray, games: np.ndarray,
                        steps_per_game: int, batch_size: int = 32, lr: float = 1e-3,
-                       seed: int = 0) -> SequentialRun:
-    """Train on each game's frames in turn (game 0 first), recording a ``RoutingTrace``."""
+                       seed: int = 0, *, planner: PrefetchPlanner | None = None,
+                       detector_trainer: DetectorTrainer | None = None) -> SequentialRun:
+    """Train on each game's frames in turn (game 0 first), recording a ``RoutingTrace``.
+
+    With a ``planner``, each step's experts are predicted from its frames and prefetched
+    before the forward pass, and the plan is scored against the routing. With a
+    ``detector_trainer``, the detector learns online: every step adds its frames, game ids and
+    per-frame routing to the trainer's buffer and takes one training step.
+    """
     store = model.layers[0].expert_store
     rng = np.random.default_rng(seed)
     trace = RoutingTrace()
@@ -88,9 +96,18 @@ def train_sequentially(model: FrameMoE, frames: np.ndarray, games: np.ndarray,
                 obs = torch.as_tensor(frames[batch], device=store.device)
                 target = torch.as_tensor(games[batch], device=store.device)
                 trace.begin_step(int(game))
+                if planner is not None:
+                    trace.record_prefetch(planner.plan(obs))
                 logits, aux = model(obs)
-                for indices in model.expert_indices():
-                    trace.record_layer(indices.unique().tolist())
+                indices = model.expert_indices()
+                for layer_indices in indices:
+                    trace.record_layer(layer_indices.unique().tolist())
+                if planner is not None:
+                    planner.observe(indices)
+                if detector_trainer is not None:
+                    detector_trainer.add(obs.cpu(), target.cpu(), used_expert_targets(
+                        [i.cpu() for i in indices], store.num_experts, batch_size=batch_size))
+                    detector_trainer.step()
                 loss = F.cross_entropy(logits, target) + aux
                 dense_opt.zero_grad(set_to_none=True)
                 loss.backward()
