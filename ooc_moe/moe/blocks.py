@@ -49,16 +49,17 @@ class _Block(nn.Module):
 
 
 class MoETransformerBlock(_Block):
-    """Attention + ``TieredMoELayer``; ``forward(x [batch, seq, dim], attn_mask)`` returns
-    ``(y, aux_loss)``."""
+    """Attention + ``TieredMoELayer``; ``forward(x [batch, seq, dim], attn_mask,
+    router_context)`` returns ``(y, aux_loss)``."""
 
     def __init__(self, dim: int, num_heads: int, expert_store: TieredExpertStore,
                  ffn_hidden_dim: int, top_k: int = 2, dropout: float = 0.1) -> None:
         super().__init__(dim, num_heads, dropout)
         self.moe = TieredMoELayer(dim, ffn_hidden_dim, expert_store, top_k, dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self.moe(self.attend(x, attn_mask))
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None,
+                router_context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.moe(self.attend(x, attn_mask), router_context)
 
 
 class DenseTransformerBlock(_Block):
@@ -69,5 +70,7 @@ class DenseTransformerBlock(_Block):
         super().__init__(dim, num_heads, dropout)
         self.ffn = DenseFFN(dim, ffn_hidden_dim, top_k, dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None,
+                router_context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``router_context`` is accepted for interface parity and ignored (no router)."""
         return self.ffn(self.attend(x, attn_mask))

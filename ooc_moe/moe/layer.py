@@ -161,13 +161,19 @@ class TieredMoELayer(nn.Module):
         self.last_routing: RouterOutput | None = None
         self.last_waves: list[list[int]] = []   # the experts of each wave of the last forward
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, router_context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``router_context`` (broadcastable to ``x``) is added to what the router sees, not
+        to the experts' input: e.g. an embedding of the game being played."""
         if x.dim() not in (2, 3) or x.shape[-1] != self.input_dim:
             raise ValueError(f"expected [tokens, {self.input_dim}] or [batch, seq, "
                              f"{self.input_dim}] input, got {tuple(x.shape)}")
         flat = x.reshape(-1, self.input_dim)
         h = self.layer_norm(flat)
-        routing = self.router(h)
+        if router_context is not None:
+            context = router_context.expand_as(x).reshape(-1, self.input_dim)
+            routing = self.router(h + context)
+        else:
+            routing = self.router(h)
         self.last_routing = routing
         y, self.last_waves = expert_mixture(h, routing.expert_indices,
                                             routing.expert_weights, self.expert_store,

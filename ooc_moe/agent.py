@@ -1,0 +1,231 @@
+"""The MoE agent: a Decision-Transformer-style policy whose feed-forward experts live out of core.
+
+Each observation (a stack of ``frame_stack`` 84x84 frames) is encoded once by a Nature-CNN
+(Mnih et al., 2015) into one token; the agent keeps, per environment, a rolling window of the
+last ``context_len`` tokens (``ContextWindows``); causal transformer blocks with tiered MoE
+feed-forwards (``MoETransformerBlock``) read the window, and action and value heads read the
+last position. At an episode's start the window is filled with its first token, so no
+padding or padding mask is needed and rollouts and PPO updates see identical windows.
+
+Routing modes: ``"token"``, the router sees the token only; ``"env"``, it also sees a learned
+embedding of the game (predicted by the environment detector during play), which lets a
+router send each game to its own experts. ``DenseRLAgent`` is the baseline with the same
+active parameters per token (``DenseTransformerBlock``), same interface.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .moe import DenseTransformerBlock, MoETransformerBlock
+from .store import RecordLayout, TieredExpertStore
+
+__all__ = ["MoERLAgentConfig", "MoERLAgent", "DenseRLAgent", "NatureCNN", "ContextWindows"]
+
+ROUTING_MODES = ("token", "env")
+
+
+@dataclass
+class MoERLAgentConfig:
+    """Every size of the agent, with the user's prototype defaults."""
+
+    obs_shape: tuple = (1, 84, 84)   # one frame: channels, height, width
+    num_actions: int = 18            # ALE's full action space, shared by every game
+    num_envs: int = 57               # games the agent (and its detector) can tell apart
+    frame_stack: int = 4
+    num_experts: int = 256           # in the one pool shared by every MoE layer
+    expert_dim: int = 512            # the model width
+    expert_hidden: int = 2048
+    num_layers: int = 6
+    num_heads: int = 8
+    top_k: int = 2
+    context_len: int = 32            # observations the transformer sees
+    dropout: float = 0.0             # RL usually trains without dropout
+    hbm_cap: int = 32
+    dram_cap: int = 128
+    routing: str = "token"           # "token" or "env"
+    load_balance_coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts="
+                             f"{self.num_experts}")
+        if self.expert_dim % self.num_heads:
+            raise ValueError(f"expert_dim={self.expert_dim} must be divisible by num_heads="
+                             f"{self.num_heads}")
+        if not 1 <= self.hbm_cap <= self.dram_cap <= self.num_experts:
+            raise ValueError(f"need 1 <= hbm_cap ({self.hbm_cap}) <= dram_cap "
+                             f"({self.dram_cap}) <= num_experts ({self.num_experts})")
+        if self.context_len < 1:
+            raise ValueError(f"context_len must be >= 1, got {self.context_len}")
+        self.obs_shape = tuple(self.obs_shape)
+
+    def estimate_params(self) -> dict:
+        """Parameter counts (total, and active per token) and bytes per tier (fp32)."""
+        d, h, e = self.expert_dim, self.expert_hidden, self.num_experts
+        layout = RecordLayout(d, h, optimizer_state=True)
+        expert = layout.param_numel
+        c = self.obs_shape[0] * self.frame_stack
+        encoder = (c * 32 * 64 + 32) + (32 * 64 * 16 + 64) + (64 * 64 * 9 + 64) + (3136 * d + d)
+        attention = 4 * d * d + 4 * d + 2 * d               # q, k, v, out projections + norm
+        router = d * e + 2 * d                              # router + the MoE LayerNorm
+        dense = encoder + self.num_layers * (attention + router) + 2 * d \
+            + (d + 1) * (self.num_actions + 1) + (self.num_envs * d if self.routing == "env"
+                                                   else 0)
+        return {"dense": dense, "experts": e * expert, "total": dense + e * expert,
+                "active_per_token": dense + self.num_layers * self.top_k * expert,
+                "record_bytes": layout.numel * 4,
+                "bytes_hbm": self.hbm_cap * layout.numel * 4,
+                "bytes_dram": self.dram_cap * layout.numel * 4,
+                "bytes_file": e * layout.numel * 4}
+
+    def create_agent(self, device: str | torch.device | None = None,
+                     path: str | None = None) -> "MoERLAgent":
+        return MoERLAgent(self, device=device, path=path)
+
+
+class NatureCNN(nn.Module):
+    """The Atari encoder of Mnih et al. (2015): uint8 frames -> one ``dim`` token."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten(),
+            nn.Linear(64 * 7 * 7, dim), nn.ReLU())
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.net(obs.float() / 255.0)
+
+
+def sinusoidal_positions(length: int, dim: int) -> Tensor:
+    """``[length, dim]`` sinusoidal position encodings (Vaswani et al., 2017)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(1e4) / dim))
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(position * freq)
+    pe[:, 1::2] = torch.cos(position * freq[: dim // 2])
+    return pe
+
+
+class ContextWindows:
+    """Per environment, the last ``context_len`` tokens; a new episode fills its window with
+    its first token. Rollouts encode each observation once and push it here."""
+
+    def __init__(self, num_envs: int, context_len: int, dim: int, device=None) -> None:
+        self.tokens = torch.zeros(num_envs, context_len, dim, device=device)
+        self.started = torch.zeros(num_envs, dtype=torch.bool, device=device)
+
+    def push(self, tokens: Tensor, new_episode: Tensor) -> Tensor:
+        """Append ``tokens [N, dim]``; ``new_episode [N]`` bool. Returns the windows."""
+        fresh = new_episode.to(torch.bool) | ~self.started
+        self.tokens = torch.cat([self.tokens[:, 1:], tokens[:, None]], dim=1)
+        self.tokens[fresh] = tokens[fresh, None].expand(-1, self.tokens.shape[1], -1)
+        self.started |= True
+        return self.tokens
+
+
+class _SequenceAgent(nn.Module):
+    """Encoder, positions, blocks, heads: what the MoE agent and its dense baseline share."""
+
+    def __init__(self, config: MoERLAgentConfig, blocks: nn.ModuleList) -> None:
+        super().__init__()
+        self.config = config
+        d = config.expert_dim
+        self.encoder = NatureCNN(config.obs_shape[0] * config.frame_stack, d)
+        self.register_buffer("positions", sinusoidal_positions(config.context_len, d),
+                             persistent=False)
+        self.register_buffer("causal", torch.triu(torch.ones(config.context_len,
+                                                             config.context_len,
+                                                             dtype=torch.bool), 1),
+                             persistent=False)
+        self.game_embedding = nn.Embedding(config.num_envs, d) \
+            if config.routing == "env" else None
+        self.blocks = blocks
+        self.norm = nn.LayerNorm(d)
+        self.actor = nn.Linear(d, config.num_actions)
+        self.critic = nn.Linear(d, 1)
+        nn.init.orthogonal_(self.actor.weight, 0.01)   # CleanRL's head initialisation
+        nn.init.zeros_(self.actor.bias)
+        nn.init.orthogonal_(self.critic.weight, 1.0)
+        nn.init.zeros_(self.critic.bias)
+
+    def encode(self, obs: Tensor) -> Tensor:
+        """``uint8 [B, frame_stack * C, H, W]`` -> tokens ``[B, dim]``."""
+        expected = (self.config.frame_stack * self.config.obs_shape[0],
+                    *self.config.obs_shape[1:])
+        if obs.dim() != 4 or tuple(obs.shape[1:]) != expected:
+            raise ValueError(f"expected observations [batch, {', '.join(map(str, expected))}]"
+                             f", got {tuple(obs.shape)}")
+        return self.encoder(obs)
+
+    def forward(self, windows: Tensor, games: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """``windows [B, T, dim]`` (T <= context_len, newest last) -> action logits ``[B, A]``,
+        values ``[B]`` and the summed auxiliary (router) loss."""
+        T = windows.shape[1]
+        if not 1 <= T <= self.config.context_len:
+            raise ValueError(f"windows hold {T} tokens; at most context_len="
+                             f"{self.config.context_len}")
+        context = None
+        if self.game_embedding is not None:
+            if games is None:
+                raise ValueError("routing='env' needs the game of every window (games=)")
+            context = self.game_embedding(games)[:, None, :]        # [B, 1, dim]
+        x = windows + self.positions[:T]
+        aux = x.new_zeros(())
+        for block in self.blocks:
+            x, block_aux = block(x, self.causal[:T, :T], context)
+            aux = aux + block_aux
+        h = self.norm(x[:, -1])
+        return self.actor(h), self.critic(h).squeeze(-1), aux
+
+
+class MoERLAgent(_SequenceAgent):
+    """The agent with tiered MoE blocks sharing one store of ``num_experts`` experts."""
+
+    def __init__(self, config: MoERLAgentConfig, store: TieredExpertStore | None = None,
+                 device: str | torch.device | None = None, path: str | None = None) -> None:
+        if store is None:
+            store = TieredExpertStore(config.num_experts, config.expert_dim,
+                                      config.expert_hidden, config.hbm_cap, config.dram_cap,
+                                      device, path=path, optimizer_state=True)
+        blocks = nn.ModuleList(
+            MoETransformerBlock(config.expert_dim, config.num_heads, store,
+                                config.expert_hidden, config.top_k, config.dropout)
+            for _ in range(config.num_layers))
+        for block in blocks:
+            block.moe.load_balance_coef = config.load_balance_coef
+        super().__init__(config, blocks)
+        self.store = store
+        self.to(store.device)
+
+    @property
+    def moe_layers(self) -> list:
+        return [block.moe for block in self.blocks]
+
+
+class DenseRLAgent(_SequenceAgent):
+    """The baseline: ``DenseFFN`` blocks with the MoE agent's active parameters per token."""
+
+    def __init__(self, config: MoERLAgentConfig, device: str | torch.device | None = None
+                 ) -> None:
+        blocks = nn.ModuleList(
+            DenseTransformerBlock(config.expert_dim, config.num_heads, config.expert_hidden,
+                                  config.top_k, config.dropout)
+            for _ in range(config.num_layers))
+        super().__init__(config, blocks)
+        self.store = None
+        self.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def moe_layers(self) -> list:
+        return []

@@ -1,0 +1,108 @@
+"""The MoE agent and its dense baseline: shapes, windows, parameter counts, routing modes."""
+
+import pytest
+import torch
+
+from ooc_moe.agent import ContextWindows, DenseRLAgent, MoERLAgent, MoERLAgentConfig
+
+SMALL = dict(num_experts=16, expert_dim=32, expert_hidden=64, num_layers=2, num_heads=2,
+             context_len=4, hbm_cap=4, dram_cap=8, num_envs=3)
+
+
+def obs(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 4, 84, 84), generator=g, dtype=torch.uint8)
+
+
+def test_user_defaults_and_estimate_matches_the_module():
+    cfg = MoERLAgentConfig()
+    assert (cfg.num_experts, cfg.expert_dim, cfg.expert_hidden, cfg.num_layers, cfg.num_heads,
+            cfg.top_k, cfg.context_len, cfg.hbm_cap, cfg.dram_cap) == \
+        (256, 512, 2048, 6, 8, 2, 32, 32, 128)
+    big = cfg.estimate_params()
+    assert big["experts"] == 256 * (2 * 512 * 2048 + 2048 + 512)
+    assert big["record_bytes"] == 4 * (4 * (2 * 512 * 2048 + 2048 + 512) + 1)
+    for routing in ("token", "env"):
+        small = MoERLAgentConfig(**SMALL, routing=routing)
+        agent = small.create_agent("cpu")
+        estimate = small.estimate_params()
+        assert estimate["dense"] == sum(p.numel() for p in agent.parameters())
+        assert estimate["experts"] == 16 * agent.store.layout.param_numel
+        assert estimate["active_per_token"] == \
+            estimate["dense"] + small.num_layers * 2 * agent.store.layout.param_numel
+        agent.store.shutdown()
+
+
+def test_forward_shapes_and_env_routing_changes_the_routing():
+    torch.manual_seed(0)
+    agent = MoERLAgentConfig(**SMALL, routing="env").create_agent("cpu")
+    windows = ContextWindows(3, 4, 32).push(agent.encode(obs(3)), torch.ones(3, dtype=torch.bool))
+    logits, values, aux = agent(windows, torch.tensor([0, 1, 2]))
+    assert logits.shape == (3, 18) and values.shape == (3,) and aux.dim() == 0
+    first = agent.moe_layers[0].last_routing.expert_indices.clone()
+    with torch.no_grad():
+        agent.game_embedding.weight.mul_(100.0)
+    agent(windows, torch.tensor([2, 2, 2]))
+    assert not torch.equal(first, agent.moe_layers[0].last_routing.expert_indices)
+    with pytest.raises(ValueError, match="games="):
+        agent(windows)
+    agent.store.shutdown()
+
+
+def test_windows_fill_at_episode_start_and_roll():
+    w = ContextWindows(2, 3, 1)
+    w.push(torch.tensor([[1.0], [5.0]]), torch.tensor([False, False]))   # first push fills
+    assert w.tokens[:, :, 0].tolist() == [[1, 1, 1], [5, 5, 5]]
+    w.push(torch.tensor([[2.0], [6.0]]), torch.tensor([False, False]))
+    w.push(torch.tensor([[3.0], [7.0]]), torch.tensor([False, True]))    # env 1 restarts
+    assert w.tokens[:, :, 0].tolist() == [[1, 2, 3], [7, 7, 7]]
+
+
+def test_the_last_output_depends_only_on_earlier_tokens():
+    torch.manual_seed(0)
+    for agent in (MoERLAgentConfig(**SMALL).create_agent("cpu"),
+                  DenseRLAgent(MoERLAgentConfig(**SMALL), "cpu")):
+        agent.eval()
+        x = torch.randn(2, 4, 32)
+        with torch.no_grad():
+            full = agent(x)[0]
+            shorter = agent(x[:, 1:])[0]          # a window of 3 with other positions
+            changed = x.clone()
+            changed[:, -1] += torch.randn(32)    # (a constant shift is lost in LayerNorm)
+            assert not torch.allclose(agent(changed)[0], full)
+        assert full.shape == shorter.shape
+        if agent.store is not None:
+            agent.store.shutdown()
+
+
+def test_dense_baseline_has_the_same_interface_and_similar_active_parameters():
+    cfg = MoERLAgentConfig(**SMALL)
+    dense = DenseRLAgent(cfg, "cpu")
+    logits, values, aux = dense(torch.randn(5, 4, 32))
+    assert logits.shape == (5, 18) and float(aux) == 0.0
+    active = cfg.estimate_params()["active_per_token"]
+    n_dense = sum(p.numel() for p in dense.parameters())
+    # the same FFN units per token; the MoE agent also has, per layer, a router, a second
+    # output bias (top_k of them) and the MoE LayerNorm (the dense FFN has its own)
+    per_layer = cfg.expert_dim * cfg.num_experts + (cfg.top_k - 1) * cfg.expert_dim
+    assert active - n_dense == cfg.num_layers * per_layer
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(routing="game"), "routing must be one of"),
+    (dict(top_k=17), "top_k=17"),
+    (dict(expert_dim=33), "divisible by num_heads"),
+    (dict(hbm_cap=9), "hbm_cap"),
+    (dict(context_len=0), "context_len"),
+])
+def test_impossible_configurations(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MoERLAgentConfig(**{**SMALL, **kw})
+
+
+def test_wrong_observation_shape_is_a_clear_error():
+    agent = DenseRLAgent(MoERLAgentConfig(**SMALL), "cpu")
+    with pytest.raises(ValueError, match=r"\[batch, 4, 84, 84\]"):
+        agent.encode(torch.zeros(2, 3, 84, 84, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="at most context_len=4"):
+        agent(torch.randn(1, 5, 32))
