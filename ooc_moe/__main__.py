@@ -6,7 +6,10 @@ import argparse
 import sys
 import time
 
+import numpy as np
+
 from . import bench
+from .smoke import run_smoke
 from .store import TieredExpertStore
 from .workloads import access_pattern, game_blocks, replay
 
@@ -52,6 +55,91 @@ def _demo(args: argparse.Namespace) -> None:
                                        "dram_to_file")))
 
 
+ATARI_GAMES = ("pong", "breakout", "boxing", "freeway", "beamrider", "qbert", "phoenix",
+               "namethisgame", "battlezone", "doubledunk")
+
+
+def _train_args(args: argparse.Namespace, atari: bool) -> "TrainArgs":
+    """Build and check the whole configuration before any work starts."""
+    from .train import PPOArgs, TrainArgs
+
+    if args.games:
+        games = [g.strip() for g in args.games.split(",") if g.strip()]
+        if args.num_games is not None:
+            if len(games) < args.num_games:
+                raise ValueError(f"--num_games {args.num_games} but --games lists "
+                                 f"{len(games)}")
+            games = games[:args.num_games]
+    else:
+        count = args.num_games or (4 if atari else 2)
+        games = list(ATARI_GAMES if atari else [f"synthetic-{i}" for i in range(count)])
+        if count > len(games):
+            raise ValueError(f"--num_games {count}: name the games with --games")
+        games = games[:count]
+    if atari:
+        from .envs.atari import normalize_game_name
+        games = [normalize_game_name(g) for g in games]       # unknown names fail here
+    ppo = PPOArgs(num_envs=args.num_envs, num_steps=args.num_steps)
+    train_args = TrainArgs(
+        games=tuple(games), steps_per_game=args.steps_per_game, seed=args.seed,
+        device=args.device, out=args.out, baseline=args.baseline, routing=args.routing,
+        num_experts=args.num_experts, expert_dim=args.expert_dim,
+        expert_hidden_dim=args.expert_hidden_dim, num_layers=args.num_layers,
+        num_heads=args.num_heads, top_k=args.top_k, context_len=args.context_len,
+        hbm_capacity=args.hbm_capacity, dram_capacity=args.dram_capacity, trace=args.trace,
+        ppo=ppo)
+    train_args.agent_config()                                 # sizes and capacities
+    return train_args
+
+
+def _train(args: argparse.Namespace, atari: bool) -> None:
+    from .train import train
+
+    try:
+        train_args = _train_args(args, atari)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    result = train(train_args)
+    history = result["history"]
+    print(f"trained {train_args.baseline} on {', '.join(train_args.games)} in "
+          f"{result['seconds']:.0f} s")
+    for game in train_args.games:
+        returns = [r for h in history if h["game"] == game
+                   for r in h["charts/episodic_returns"]]
+        last = returns[-10:]
+        print(f"  {game:<14} episodes {len(returns):5d}  mean return of the last "
+              f"{len(last)}: {np.mean(last) if last else float('nan'):.2f}")
+    if "store/hit_rate" in history[-1]:
+        print(f"  store: HBM hit rate (last update) {history[-1]['store/hit_rate']:.1%}, "
+              f"game-expert NMI {history[-1]['routing/mutual_information']:.3f}")
+    if train_args.out:
+        print(f"  metrics written to {train_args.out}/metrics.json")
+
+
+def _add_train_flags(p: argparse.ArgumentParser, atari: bool) -> None:
+    p.add_argument("--games", default=None, help="comma-separated games, played in order")
+    p.add_argument("--num_games", type=int, default=None,
+                   help=f"the first N of --games (default: all of them, or {4 if atari else 2})")
+    p.add_argument("--steps_per_game", type=int, default=100_000 if atari else 20_000)
+    p.add_argument("--num_experts", type=int, default=64)
+    p.add_argument("--expert_dim", type=int, default=128)
+    p.add_argument("--expert_hidden_dim", type=int, default=256)
+    p.add_argument("--num_layers", type=int, default=2)
+    p.add_argument("--num_heads", type=int, default=4)
+    p.add_argument("--top_k", type=int, default=2)
+    p.add_argument("--hbm_capacity", type=int, default=16)
+    p.add_argument("--dram_capacity", type=int, default=64)
+    p.add_argument("--context_len", type=int, default=8)
+    p.add_argument("--routing", choices=["token", "env"], default="token")
+    p.add_argument("--baseline", choices=["moe", "dense"], default="moe")
+    p.add_argument("--num_envs", type=int, default=8)
+    p.add_argument("--num_steps", type=int, default=128, help="rollout steps per env")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="directory for metrics.json (and trace.npz)")
+    p.add_argument("--trace", action="store_true", help="record every store call")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ooc_moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     d.add_argument("--dir", default=None, help="directory for the expert file (default: temp)")
     d.set_defaults(func=_demo)
+    sub.add_parser("test", help="a smoke run of every component, in seconds").set_defaults(
+        func=lambda a: run_smoke())
+    for name, atari in (("train", False), ("train-atari", True)):
+        t = sub.add_parser(name, help=("PPO on real ALE games, one after another" if atari
+                                       else "PPO on synthetic games, one after another"))
+        _add_train_flags(t, atari)
+        t.set_defaults(func=lambda a, atari=atari: _train(a, atari))
     return parser
 
 

@@ -50,6 +50,8 @@ class MoERLAgentConfig:
     dram_cap: int = 128
     routing: str = "token"           # "token" or "env"
     load_balance_coef: float = 0.01
+    router_noise: float = 0.0        # exploration noise on router logits; 0 keeps PPO's
+                                     # rollout and update policies identical
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTING_MODES:
@@ -204,6 +206,7 @@ class MoERLAgent(_SequenceAgent):
             for _ in range(config.num_layers))
         for block in blocks:
             block.moe.load_balance_coef = config.load_balance_coef
+            block.moe.router.noise_std = config.router_noise
         super().__init__(config, blocks)
         self.store = store
         self.to(store.device)

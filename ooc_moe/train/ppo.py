@@ -1,0 +1,292 @@
+"""PPO for the MoE agent, in the shape of CleanRL's ``ppo_atari.py`` (Huang et al., 2022).
+
+Same defaults and vocabulary: 8 envs x 128 steps, 4 minibatches, 4 epochs, lr 2.5e-4 annealed,
+gamma 0.99, GAE lambda 0.95, clip 0.1, clipped value loss, entropy 0.01, value 0.5, max grad
+norm 0.5; buffers ``obs, actions, logprobs, rewards, dones, values``; flattened ``b_*``;
+losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
+
+- the policy reads a window of ``context_len`` observations, so minibatches are drawn by
+  *environment* (as CleanRL's ``ppo_atari_lstm.py``) and the windows are rebuilt from the
+  rollout's frames (plus the frames before it), re-encoded with the current encoder;
+- the MoE auxiliary losses are added to the loss; experts are trained by ``ExpertOptimizer``
+  (their gradients live in the expert records), dense parameters by ``torch.optim.Adam``;
+  gradient clipping covers the dense parameters only;
+- episodes autoreset in the same step (``SameStep``); truncated episodes are not bootstrapped
+  (as CleanRL); rewards are clipped to their sign for learning, returns reported raw.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import Categorical
+
+from ..agent import ContextWindows
+from ..metrics import router_entropy
+from ..moe import ExpertOptimizer
+
+__all__ = ["PPOArgs", "RolloutBuffer", "PPOTrainer"]
+
+
+@dataclass
+class PPOArgs:
+    num_envs: int = 8            # parallel environments
+    num_steps: int = 128         # steps per environment per rollout
+    learning_rate: float = 2.5e-4  # Adam learning rate (dense parameters and experts)
+    anneal_lr: bool = True       # anneal the learning rate linearly to 0 over a game
+    gamma: float = 0.99          # discount
+    gae_lambda: float = 0.95     # GAE lambda
+    num_minibatches: int = 4     # minibatches per epoch (drawn by environment)
+    update_epochs: int = 4       # epochs per update
+    norm_adv: bool = True        # normalise advantages per minibatch
+    clip_coef: float = 0.1       # surrogate clipping
+    clip_vloss: bool = True      # clipped value loss
+    ent_coef: float = 0.01       # entropy bonus
+    vf_coef: float = 0.5         # value loss coefficient
+    max_grad_norm: float = 0.5   # gradient clipping (dense parameters)
+    target_kl: float | None = None  # stop the epochs early past this KL
+    # filled in at runtime
+    batch_size: int = field(init=False)
+    envs_per_minibatch: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.num_envs % self.num_minibatches:
+            raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches="
+                             f"{self.num_minibatches} (minibatches are drawn by environment)")
+        self.batch_size = self.num_envs * self.num_steps
+        self.envs_per_minibatch = self.num_envs // self.num_minibatches
+
+
+class RolloutBuffer:
+    """One rollout per environment, plus the ``context_len - 1`` frames before it."""
+
+    def __init__(self, args: PPOArgs, obs_shape: tuple, context_len: int, device) -> None:
+        S, N, P = args.num_steps, args.num_envs, context_len - 1
+        self.prefix = P
+        self.frames = torch.zeros((P + S, N, *obs_shape), dtype=torch.uint8)   # on the host
+        self.starts = torch.ones(P + S, N, dtype=torch.bool)    # frame begins an episode
+        self.actions = torch.zeros(S, N, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(S, N, device=device)
+        self.rewards = torch.zeros(S, N, device=device)
+        self.dones = torch.zeros(S, N, device=device)
+        self.values = torch.zeros(S, N, device=device)
+        self.games = torch.zeros(S, N, dtype=torch.long, device=device)
+
+    def roll_prefix(self) -> None:
+        """Keep the last frames of this rollout as the prefix of the next one."""
+        if self.prefix:
+            self.frames[:self.prefix] = self.frames[-self.prefix:].clone()
+            self.starts[:self.prefix] = self.starts[-self.prefix:].clone()
+
+    def window_index(self, context_len: int) -> torch.Tensor:
+        """``[S, N, T]`` frame indices of each step's window: the last T frames, positions
+        before the episode's start replaced by its first frame (as ``ContextWindows`` does)."""
+        total, n = self.starts.shape
+        idx = torch.arange(total)[:, None].expand(total, n)
+        episode_start = torch.where(self.starts, idx, torch.zeros_like(idx)).cummax(0).values
+        steps = torch.arange(self.prefix, total)[:, None, None]           # [S, 1, 1]
+        back = torch.arange(context_len - 1, -1, -1)[None, None, :]      # [1, 1, T]
+        window = steps - back                                             # [S, 1, T]
+        return torch.maximum(window, episode_start[self.prefix:, :, None])  # [S, N, T]
+
+
+class PPOTrainer:
+    """Collects rollouts from a vectorised env and updates an agent with PPO."""
+
+    def __init__(self, agent: nn.Module, args: PPOArgs, *, planner=None,
+                 detector_trainer=None) -> None:
+        self.agent, self.args = agent, args
+        self.device = next(agent.parameters()).device
+        self.dense_opt = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+        self.expert_opt = (ExpertOptimizer(agent.store, lr=args.learning_rate, eps=1e-5)
+                           if agent.store is not None else None)
+        self.planner, self.detector_trainer = planner, detector_trainer
+        cfg = agent.config
+        self.obs_shape = (cfg.obs_shape[0] * cfg.frame_stack, *cfg.obs_shape[1:])
+        self.buffer = RolloutBuffer(args, self.obs_shape, cfg.context_len, self.device)
+        self.windows = ContextWindows(args.num_envs, cfg.context_len, cfg.expert_dim,
+                                      self.device)
+        # per MoE layer, [games, experts] counts of the rollouts' routing, and router entropy
+        self.routing_counts = [np.zeros((cfg.num_envs, cfg.num_experts))
+                               for _ in agent.moe_layers]
+        self.router_entropies: list[float] = []
+
+    # -- acting ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, new_episode: torch.Tensor, games: torch.Tensor):
+        """Encode each observation once, push it into its window, sample actions."""
+        if self.planner is not None:
+            self.planner.plan(obs)                 # prefetch before the step computes
+        windows = self.windows.push(self.agent.encode(obs), new_episode)
+        logits, value, _ = self.agent(windows, self._routing_games(obs, games))
+        routing = [layer.last_routing for layer in self.agent.moe_layers]
+        if self.planner is not None:
+            self.planner.observe([r.expert_indices for r in routing])
+        for counts, r in zip(self.routing_counts, routing):
+            # each window's tokens all belong to its environment's game
+            tokens_per_env = r.expert_indices.shape[0] // len(games)
+            np.add.at(counts, (games.repeat_interleave(tokens_per_env * r.expert_indices.shape[1])
+                               .cpu().numpy(), r.expert_indices.reshape(-1).cpu().numpy()), 1)
+        if routing:
+            self.router_entropies.append(router_entropy(routing[-1].router_logits))
+        dist = Categorical(logits=logits)
+        action = dist.sample()
+        return action, dist.log_prob(action), value
+
+    def _routing_games(self, obs: torch.Tensor, games: torch.Tensor) -> torch.Tensor | None:
+        """For ``routing='env'``: the game the detector sees (the true one without one)."""
+        if self.agent.config.routing != "env":
+            return None
+        if self.detector_trainer is None:
+            return games
+        prediction = self.detector_trainer.detector.predict(obs, top_k=1)
+        return prediction.game_probs.argmax(-1).to(self.device)             # per environment
+
+    # -- one iteration: rollout + update -------------------------------------------------
+    def collect(self, env, state: dict, game: int) -> list[tuple[float, int]]:
+        """Fill the buffer with ``num_steps`` steps; returns finished (return, length)."""
+        b, args = self.buffer, self.args
+        b.roll_prefix()
+        finished = []
+        for step in range(args.num_steps):
+            obs = state["obs"]
+            b.frames[b.prefix + step] = obs
+            b.starts[b.prefix + step] = state["new_episode"]
+            b.dones[step] = state["new_episode"].float()
+            games = torch.full((args.num_envs,), game, dtype=torch.long, device=self.device)
+            b.games[step] = games
+            action, logprob, value = self.act(obs.to(self.device), state["new_episode"]
+                                              .to(self.device), games)
+            b.actions[step], b.logprobs[step], b.values[step] = action, logprob, value
+            next_obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
+            done = np.logical_or(terminated, truncated)
+            state["episode_return"] += reward
+            state["episode_length"] += 1
+            for i in np.flatnonzero(done):
+                finished.append((float(state["episode_return"][i]),
+                                 int(state["episode_length"][i])))
+                state["episode_return"][i] = 0.0
+                state["episode_length"][i] = 0
+            b.rewards[step] = torch.as_tensor(np.sign(reward), dtype=torch.float32,
+                                              device=self.device)
+            state["obs"] = torch.as_tensor(next_obs)
+            state["new_episode"] = torch.as_tensor(done)
+            if self.detector_trainer is not None:
+                self.detector_trainer.add(obs, games.cpu())
+                self.detector_trainer.step()
+        with torch.no_grad():                      # bootstrap from the next observation
+            windows = self.windows.tokens.clone()
+            windows = torch.cat([windows[:, 1:], self.agent.encode(
+                state["obs"].to(self.device))[:, None]], 1)
+            fresh = state["new_episode"].to(self.device)
+            windows[fresh] = windows[fresh, -1:].expand(-1, windows.shape[1], -1)
+            state["next_value"] = self.agent(windows, self._routing_games(
+                state["obs"].to(self.device), b.games[-1]))[1]
+        return finished
+
+    def advantages(self, next_value: torch.Tensor, next_done: torch.Tensor):
+        """GAE, as CleanRL computes it."""
+        b, args = self.buffer, self.args
+        advantages = torch.zeros_like(b.rewards)
+        lastgaelam = 0
+        for t in reversed(range(args.num_steps)):
+            if t == args.num_steps - 1:
+                nextnonterminal, nextvalues = 1.0 - next_done, next_value
+            else:
+                nextnonterminal, nextvalues = 1.0 - b.dones[t + 1], b.values[t + 1]
+            delta = b.rewards[t] + args.gamma * nextvalues * nextnonterminal - b.values[t]
+            lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+            advantages[t] = lastgaelam
+        return advantages, advantages + b.values
+
+    def update(self, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
+        """PPO epochs over minibatches of environments; returns the last losses."""
+        args, b, agent = self.args, self.buffer, self.agent
+        T = agent.config.context_len
+        index = b.window_index(T)                                   # [S, N, T]
+        logs = {}
+        clipfracs = []
+        for _ in range(args.update_epochs):
+            for mb_envs in torch.randperm(args.num_envs).split(args.envs_per_minibatch):
+                n = len(mb_envs)
+                frames = b.frames[:, mb_envs].to(self.device)        # [P+S, n, C, H, W]
+                tokens = agent.encode(frames.flatten(0, 1)).view(frames.shape[0], n, -1)
+                idx = index[:, mb_envs].to(self.device)             # [S, n, T]
+                windows = tokens[idx, torch.arange(n, device=self.device)[None, :, None]]
+                windows = windows.flatten(0, 1)                     # [S*n, T, dim]
+                games = b.games[:, mb_envs].flatten()
+                logits, newvalue, aux = agent(
+                    windows, games if agent.config.routing == "env" else None)
+                dist = Categorical(logits=logits)
+                mb_actions = b.actions[:, mb_envs].flatten()
+                newlogprob, entropy = dist.log_prob(mb_actions), dist.entropy()
+                logratio = newlogprob - b.logprobs[:, mb_envs].flatten()
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean()
+                                     .item())
+                mb_adv = advantages[:, mb_envs].flatten()
+                if args.norm_adv:
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * torch.clamp(
+                    ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                mb_returns = returns[:, mb_envs].flatten()
+                mb_values = b.values[:, mb_envs].flatten()
+                if args.clip_vloss:
+                    v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef,
+                                                        args.clip_coef)
+                    v_loss = 0.5 * torch.max((newvalue - mb_returns) ** 2,
+                                             (v_clipped - mb_returns) ** 2).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef + aux
+                self.dense_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                self.dense_opt.step()
+                if self.expert_opt is not None:
+                    self.expert_opt.step()
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+        y_pred, y_true = b.values.flatten().cpu().numpy(), returns.flatten().cpu().numpy()
+        var_y = np.var(y_true)
+        logs.update({"losses/value_loss": v_loss.item(), "losses/policy_loss": pg_loss.item(),
+                     "losses/entropy": entropy_loss.item(), "losses/aux_loss": aux.item(),
+                     "losses/approx_kl": approx_kl.item(),
+                     "losses/clipfrac": float(np.mean(clipfracs)),
+                     "losses/explained_variance":
+                         float("nan") if var_y == 0 else float(1 - np.var(y_true - y_pred)
+                                                               / var_y)})
+        return logs
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.dense_opt.param_groups:
+            group["lr"] = lr
+        if self.expert_opt is not None:
+            self.expert_opt.lr = lr
+
+    def start(self, env, seed: int) -> dict:
+        """Reset ``env`` and return the loop state."""
+        obs, _ = env.reset(seed=seed)
+        n = self.args.num_envs
+        return {"obs": torch.as_tensor(obs), "new_episode": torch.ones(n, dtype=torch.bool),
+                "episode_return": np.zeros(n), "episode_length": np.zeros(n, dtype=np.int64)}
+
+    def iteration(self, env, state: dict, game: int) -> dict:
+        """One rollout and one update; returns the logs (CleanRL's names)."""
+        started = time.perf_counter()
+        finished = self.collect(env, state, game)
+        advantages, returns = self.advantages(state["next_value"],
+                                              state["new_episode"].float().to(self.device))
+        logs = self.update(advantages, returns)
+        logs["charts/SPS"] = self.args.batch_size / (time.perf_counter() - started)
+        logs["charts/episodic_returns"] = [r for r, _ in finished]
+        logs["charts/episodic_lengths"] = [n for _, n in finished]
+        return logs

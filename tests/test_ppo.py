@@ -1,0 +1,104 @@
+"""PPO pieces: window reconstruction, GAE, and a first minibatch that reproduces the rollout."""
+
+import numpy as np
+import pytest
+import torch
+
+from ooc_moe.agent import ContextWindows, MoERLAgentConfig
+from ooc_moe.train import PPOArgs, PPOTrainer, RolloutBuffer
+
+SMALL = dict(num_experts=8, expert_dim=16, expert_hidden=32, num_layers=2, num_heads=2,
+             context_len=3, hbm_cap=4, dram_cap=8, num_envs=2)
+
+
+def test_window_index_clips_at_episode_starts_like_context_windows():
+    args = PPOArgs(num_envs=2, num_steps=5, num_minibatches=1)
+    b = RolloutBuffer(args, (1, 2, 2), context_len=3, device="cpu")
+    # frames 0,1 are the prefix; env 0 starts an episode at frame 2 and at frame 5,
+    # env 1 started before the prefix (frame 0) and again at frame 4
+    b.starts[:] = False
+    b.starts[[2, 5], 0] = True
+    b.starts[[0, 4], 1] = True
+    index = b.window_index(3)
+    assert index[:, 0].tolist() == [[2, 2, 2], [2, 2, 3], [2, 3, 4], [5, 5, 5], [5, 5, 6]]
+    assert index[:, 1].tolist() == [[0, 1, 2], [1, 2, 3], [4, 4, 4], [4, 4, 5], [4, 5, 6]]
+    # the same windows, built step by step as the rollout builds them
+    w = ContextWindows(2, 3, 1)
+    for t in range(2, 7):
+        tokens = w.push(torch.tensor([[float(t)], [float(t)]]), b.starts[t])
+        if t >= 2:
+            expected = index[t - 2].float()
+            if t == 2:   # the rollout's windows start at the first rollout frame
+                expected = torch.tensor([[2.0, 2, 2], [2, 2, 2]])
+            assert tokens[0, :, 0].tolist() == expected[0].tolist()
+
+
+def test_gae_matches_a_hand_computation():
+    args = PPOArgs(num_envs=1, num_steps=3, num_minibatches=1, gamma=0.5, gae_lambda=0.5)
+    agent = MoERLAgentConfig(**{**SMALL, "num_envs": 1}).create_agent("cpu")
+    trainer = PPOTrainer(agent, args)
+    b = trainer.buffer
+    b.rewards[:, 0] = torch.tensor([1.0, 0.0, 2.0])
+    b.values[:, 0] = torch.tensor([0.5, 1.0, 0.0])
+    b.dones[:, 0] = torch.tensor([0.0, 0.0, 1.0])   # step 2 starts a new episode
+    adv, ret = trainer.advantages(torch.tensor([4.0]), torch.tensor([0.0]))
+    d2 = 2.0 + 0.5 * 4.0 - 0.0          # 4.0
+    d1 = 0.0 + 0.0 - 1.0                # next step starts an episode: no bootstrap
+    d0 = 1.0 + 0.5 * 1.0 - 0.5          # 1.0
+    a1 = d1
+    a0 = d0 + 0.25 * a1
+    assert adv[:, 0].tolist() == pytest.approx([a0, a1, d2])
+    assert ret[:, 0].tolist() == pytest.approx([a0 + 0.5, a1 + 1.0, d2])
+    agent.store.shutdown()
+
+
+class FixedEnv:
+    """Random frames and rewards; episodes of 4 steps (enough for windows and GAE)."""
+
+    def __init__(self, n):
+        self.n, self.t, self.rng = n, 0, np.random.default_rng(0)
+
+    def reset(self, seed=None):
+        return self.rng.integers(0, 255, (self.n, 4, 84, 84), dtype=np.uint8), {}
+
+    def step(self, actions):
+        self.t += 1
+        done = np.full(self.n, self.t % 4 == 0)
+        obs = self.rng.integers(0, 255, (self.n, 4, 84, 84), dtype=np.uint8)
+        return obs, self.rng.normal(size=self.n), done, np.zeros(self.n, bool), {}
+
+
+def test_the_first_minibatch_reproduces_the_rollout_policy(monkeypatch):
+    """Same parameters, same windows (rebuilt from frames, re-encoded): ratio exactly 1."""
+    import ooc_moe.train.ppo as ppo
+    monkeypatch.setattr(ppo.torch, "randperm", lambda n: torch.arange(n))  # envs in order
+    torch.manual_seed(0)
+    args = PPOArgs(num_envs=2, num_steps=6, num_minibatches=1, update_epochs=1)
+    agent = MoERLAgentConfig(**SMALL).create_agent("cpu")
+    trainer = PPOTrainer(agent, args)
+    env = FixedEnv(2)
+    state = trainer.start(env, 0)
+    seen = []
+    trainer.collect(env, state, 0)
+    trainer.collect(env, state, 0)    # a second rollout: windows reach into the prefix
+    adv, ret = trainer.advantages(state["next_value"], state["new_episode"].float())
+    original = agent.forward
+
+    def spy(windows, games=None):
+        out = original(windows, games)
+        if not seen:
+            seen.append(out[0].detach())
+        return out
+
+    agent.forward = spy
+    trainer.update(adv, ret)
+    logits = seen[0]                                     # [S * n, A], step-major
+    b = trainer.buffer
+    newlogprob = torch.distributions.Categorical(logits=logits).log_prob(b.actions.flatten())
+    assert torch.allclose(newlogprob, b.logprobs.flatten(), atol=1e-6)
+    agent.store.shutdown()
+
+
+def test_minibatches_must_split_the_envs():
+    with pytest.raises(ValueError, match="divisible by num_minibatches"):
+        PPOArgs(num_envs=6, num_minibatches=4)
