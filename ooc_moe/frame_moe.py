@@ -36,7 +36,8 @@ class FrameMoE(nn.Module):
     TOKENS = 9
 
     def __init__(self, store: TieredExpertStore, num_games: int, num_layers: int = 2,
-                 top_k: int = 2, load_balance_coef: float = 0.01) -> None:
+                 top_k: int = 2, load_balance_coef: float = 0.01,
+                 router_noise: float = 0.1) -> None:
         super().__init__()
         dim = store.expert_dim
         self.encoder = nn.Sequential(                       # 84 -> 20 -> 9 -> 3 (x 3 patches)
@@ -45,7 +46,8 @@ class FrameMoE(nn.Module):
         self.to_tokens = nn.Linear(32, dim)
         self.layers = nn.ModuleList(
             TieredMoELayer(dim, store.hidden_dim, store, top_k, dropout=0.0,
-                           load_balance_coef=load_balance_coef) for _ in range(num_layers))
+                           noise_std=router_noise, load_balance_coef=load_balance_coef)
+            for _ in range(num_layers))
         self.head = nn.Linear(dim, num_games)
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
@@ -68,6 +70,7 @@ class SequentialRun:
     trace: RoutingTrace
     losses: list          # per step
     accuracy: list        # per step, on the step's batch
+    batches: list         # per step, the indices of its frames
 
 
 def train_sequentially(model: FrameMoE, frames: np.ndarray, games: np.ndarray,
@@ -86,13 +89,14 @@ def train_sequentially(model: FrameMoE, frames: np.ndarray, games: np.ndarray,
     trace = RoutingTrace()
     dense_opt = torch.optim.Adam(model.parameters(), lr=lr)
     expert_opt = ExpertOptimizer(store, lr=lr)
-    losses, accuracy = [], []
+    losses, accuracy, batches = [], [], []
     store.trace = trace
     try:
         for game in np.unique(games):
             pool = np.flatnonzero(games == game)
             for _ in range(steps_per_game):
                 batch = rng.choice(pool, batch_size, replace=len(pool) < batch_size)
+                batches.append(batch)
                 obs = torch.as_tensor(frames[batch], device=store.device)
                 target = torch.as_tensor(games[batch], device=store.device)
                 trace.begin_step(int(game))
@@ -117,7 +121,7 @@ def train_sequentially(model: FrameMoE, frames: np.ndarray, games: np.ndarray,
                 accuracy.append((logits.argmax(1) == target).float().mean().item())
     finally:
         store.trace = None
-    return SequentialRun(trace, losses, accuracy)
+    return SequentialRun(trace, losses, accuracy, batches)
 
 
 @torch.no_grad()

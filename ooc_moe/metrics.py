@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
-__all__ = ["hit_rate", "prefetch_precision", "prefetch_coverage", "game_expert_counts",
+__all__ = ["hit_rate", "prefetch_precision", "prefetch_coverage", "prefetch_scores",
+           "game_expert_counts",
            "mutual_information", "normalized_mutual_information", "router_entropy"]
 
 
@@ -33,6 +36,19 @@ def prefetch_coverage(stats: dict) -> float:
     """Share of would-be HBM misses that prefetching turned into hits."""
     would_miss = stats["prefetch_hits"] + stats["dram_hits"] + stats["file_reads"]
     return stats["prefetch_hits"] / would_miss if would_miss else 0.0
+
+
+def prefetch_scores(planned: Sequence[Sequence[int]], used: Sequence[Sequence[int]]) -> dict:
+    """Precision (planned experts that were used / planned) and coverage (used experts that
+    had been planned / used), summed over steps as ``PrefetchPlanner`` does; nan when nothing
+    was planned (precision) or used (coverage). Also the mean sizes of both sets."""
+    assert len(planned) == len(used), f"{len(planned)} plans for {len(used)} steps"
+    hits = sum(len(set(p) & set(u)) for p, u in zip(planned, used))
+    n_planned, n_used = sum(len(set(p)) for p in planned), sum(len(set(u)) for u in used)
+    return {"precision": hits / n_planned if n_planned else float("nan"),
+            "coverage": hits / n_used if n_used else float("nan"),
+            "planned_per_step": n_planned / max(len(used), 1),
+            "used_per_step": n_used / max(len(used), 1)}
 
 
 def game_expert_counts(games, expert_ids, num_games: int, num_experts: int) -> np.ndarray:
