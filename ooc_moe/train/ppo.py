@@ -99,13 +99,16 @@ class PPOTrainer:
     """Collects rollouts from a vectorised env and updates an agent with PPO."""
 
     def __init__(self, agent: nn.Module, args: PPOArgs, *, planner=None,
-                 detector_trainer=None) -> None:
+                 detector_trainer=None, detector_updates: int = 8) -> None:
+        """``detector_trainer``: trained online, ``detector_updates`` minibatches per rollout
+        from the frames the rollouts add to its buffer."""
         self.agent, self.args = agent, args
         self.device = next(agent.parameters()).device
         self.dense_opt = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
         self.expert_opt = (ExpertOptimizer(agent.store, lr=args.learning_rate, eps=1e-5)
                            if agent.store is not None else None)
         self.planner, self.detector_trainer = planner, detector_trainer
+        self.detector_updates = detector_updates
         cfg = agent.config
         self.obs_shape = (cfg.obs_shape[0] * cfg.frame_stack, *cfg.obs_shape[1:])
         self.buffer = RolloutBuffer(args, self.obs_shape, cfg.context_len, self.device)
@@ -178,6 +181,8 @@ class PPOTrainer:
             state["new_episode"] = torch.as_tensor(done)
             if self.detector_trainer is not None:
                 self.detector_trainer.add(obs, games.cpu())
+        if self.detector_trainer is not None:
+            for _ in range(self.detector_updates):
                 self.detector_trainer.step()
         with torch.no_grad():                      # bootstrap from the next observation
             windows = self.windows.tokens.clone()
