@@ -70,3 +70,48 @@ def test_bench_sim_quick_reports_each_policy(tmp_path):
     assert set(policies) == {"lru", "lfu", "belady"}
     assert policies["belady"]["hit_rate"] >= policies["lru"]["hit_rate"]
     assert all(p["accesses_per_s"] > 0 for p in policies.values())
+
+
+def test_smoke_command_checks_every_component():
+    result = run("test")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ok ") == 4
+
+
+TINY = ["--num_experts", "8", "--expert_dim", "16", "--expert_hidden_dim", "32",
+        "--num_heads", "2", "--hbm_capacity", "4", "--dram_capacity", "8", "--context_len", "2",
+        "--num_envs", "4", "--num_steps", "16"]
+
+
+def test_train_two_synthetic_games_writes_metrics(tmp_path):
+    result = run("train", "--num_games", "2", "--steps_per_game", "64", "--out",
+                 str(tmp_path), "--trace", *TINY)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["game"] for h in metrics["history"]] == ["synthetic-0", "synthetic-1"]
+    first = metrics["history"][0]
+    for key in ("charts/SPS", "losses/policy_loss", "store/hit_rate",
+                "store/prefetch_precision", "routing/mutual_information",
+                "routing/router_entropy", "store/bytes_dram_to_hbm"):
+        assert key in first
+    assert (tmp_path / "trace.npz").stat().st_size > 0
+
+
+def test_dense_baseline_trains_too(tmp_path):
+    result = run("train", "--games", "synthetic-3", "--steps_per_game", "64",
+                 "--baseline", "dense", *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "trained dense on synthetic-3" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train-atari", "--games", "pongg"], "did you mean 'pong'"),
+    (["train", "--top_k", "99"], "top_k=99"),
+    (["train", "--hbm_capacity", "99"], "hbm_cap"),
+    (["train", "--num_envs", "6"], "divisible by num_minibatches"),
+    (["train", "--steps_per_game", "10"], "less than one rollout"),
+])
+def test_impossible_training_configurations_stop_before_any_work(args, message):
+    result = run(*args)
+    assert result.returncode != 0 and message in result.stderr
+    assert "it/s" not in result.stderr   # no training progress bar was started
