@@ -25,6 +25,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .store.stats import StoreStats
+
 __all__ = ["RoutingTrace", "LinkBandwidths", "SimResult", "simulate", "POLICIES"]
 
 POLICIES = ("lru", "lfu", "belady")
@@ -116,35 +118,18 @@ class LinkBandwidths:
 
 
 @dataclass
-class SimResult:
-    accesses: int = 0
-    hbm_hits: int = 0
-    dram_hits: int = 0
-    file_reads: int = 0
-    prefetch_hits: int = 0
-    prefetches_issued: int = 0
-    prefetches_used: int = 0
-    prefetches_wasted: int = 0
-    prefetches_dropped: int = 0
-    hbm_evictions: int = 0
-    dram_evictions: int = 0
+class SimResult(StoreStats):
+    """The store's counters as the simulated policy would have produced them, plus moves per
+    link, the HBM hit rate of each step and modelled transfer seconds."""
+
     moves: dict = field(default_factory=lambda: dict.fromkeys(
         ("file_to_dram", "dram_to_hbm", "hbm_to_dram", "dram_to_file"), 0))
     hit_rate_per_step: list = field(default_factory=list)
-    bytes_moved: dict = field(default_factory=dict)
     transfer_seconds: float = 0.0
 
     @property
     def hits(self) -> int:
         return self.hbm_hits
-
-    @property
-    def misses(self) -> int:
-        return self.dram_hits + self.file_reads
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hbm_hits / self.accesses if self.accesses else 0.0
 
     @property
     def dram_hit_rate(self) -> float:

@@ -147,6 +147,8 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
                     logs["routing/router_entropy"] = float(np.mean(trainer.router_entropies[
                         -args.ppo.num_steps:]))
                 history.append(logs)
+                if args.out:                  # progressively: a long run can be read while it runs
+                    _write_metrics(args, history, started)
                 returns = logs["charts/episodic_returns"]
                 if returns:
                     bar.set_postfix(ret=f"{np.mean(returns):.1f}",
@@ -161,13 +163,23 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     if planner is not None:
         result["planner"] = planner.summary()
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
+        _write_metrics(args, history, started, result)
         if trace is not None:
-            trace.save(out / "trace.npz")
+            trace.save(Path(args.out) / "trace.npz")
     result["agent"] = agent
     return result
+
+
+def _write_metrics(args: TrainArgs, history: list, started: float,
+                   result: dict | None = None) -> None:
+    """Write ``metrics.json`` atomically (a reader never sees half a file)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = result or {"args": _jsonable(args), "history": history,
+                        "seconds": time.perf_counter() - started, "finished": False}
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=float))
+    tmp.replace(out / "metrics.json")
 
 
 def _jsonable(args: TrainArgs) -> dict:
