@@ -1,7 +1,7 @@
 """The MoE agent: a Decision-Transformer-style policy whose feed-forward experts live out of core.
 
 Each observation (a stack of ``frame_stack`` 84x84 frames) is encoded once by a Nature-CNN
-(Mnih et al., 2015) into one token; the agent keeps, per environment, a rolling window of the
+(Mnih et al., 2015) into one normalised token (plus a learned position); the agent keeps, per environment, a rolling window of the
 last ``context_len`` tokens (``ContextWindows``); causal transformer blocks with tiered MoE
 feed-forwards (``MoETransformerBlock``) read the window, and action and value heads read the
 last position. At an episode's start the window is filled with its first token, so no
@@ -15,7 +15,6 @@ active parameters per token (``DenseTransformerBlock``), same interface.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +77,8 @@ class MoERLAgentConfig:
         encoder = (c * 32 * 64 + 32) + (32 * 64 * 16 + 64) + (64 * 64 * 9 + 64) + (3136 * d + d)
         attention = 4 * d * d + 4 * d + 2 * d               # q, k, v, out projections + norm
         router = d * e + 2 * d                              # router + the MoE LayerNorm
-        dense = encoder + self.num_layers * (attention + router) + 2 * d \
+        tokens = 2 * d + self.context_len * d               # token norm + learned positions
+        dense = encoder + tokens + self.num_layers * (attention + router) + 2 * d \
             + (d + 1) * (self.num_actions + 1) + (self.num_envs * d if self.routing == "env"
                                                    else 0)
         return {"dense": dense, "experts": e * expert, "total": dense + e * expert,
@@ -108,16 +108,6 @@ class NatureCNN(nn.Module):
         return self.net(obs.float() / 255.0)
 
 
-def sinusoidal_positions(length: int, dim: int) -> Tensor:
-    """``[length, dim]`` sinusoidal position encodings (Vaswani et al., 2017)."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(1e4) / dim))
-    pe = torch.zeros(length, dim)
-    pe[:, 0::2] = torch.sin(position * freq)
-    pe[:, 1::2] = torch.cos(position * freq[: dim // 2])
-    return pe
-
-
 class ContextWindows:
     """Per environment, the last ``context_len`` tokens; a new episode fills its window with
     its first token. Rollouts encode each observation once and push it here."""
@@ -143,8 +133,12 @@ class _SequenceAgent(nn.Module):
         self.config = config
         d = config.expert_dim
         self.encoder = NatureCNN(config.obs_shape[0] * config.frame_stack, d)
-        self.register_buffer("positions", sinusoidal_positions(config.context_len, d),
-                             persistent=False)
+        # Tokens are normalised and positions learned from a small start (as GPT-2), so that
+        # what a frame shows, not where it sits in the window, drives routing: fixed
+        # sinusoids of norm ~sqrt(dim/2) swamped the CNN's small outputs and routed every
+        # token by its position alone.
+        self.token_norm = nn.LayerNorm(d)
+        self.positions = nn.Parameter(torch.randn(config.context_len, d) * 0.02)
         self.register_buffer("causal", torch.triu(torch.ones(config.context_len,
                                                              config.context_len,
                                                              dtype=torch.bool), 1),
@@ -161,13 +155,13 @@ class _SequenceAgent(nn.Module):
         nn.init.zeros_(self.critic.bias)
 
     def encode(self, obs: Tensor) -> Tensor:
-        """``uint8 [B, frame_stack * C, H, W]`` -> tokens ``[B, dim]``."""
+        """``uint8 [B, frame_stack * C, H, W]`` -> normalised tokens ``[B, dim]``."""
         expected = (self.config.frame_stack * self.config.obs_shape[0],
                     *self.config.obs_shape[1:])
         if obs.dim() != 4 or tuple(obs.shape[1:]) != expected:
             raise ValueError(f"expected observations [batch, {', '.join(map(str, expected))}]"
                              f", got {tuple(obs.shape)}")
-        return self.encoder(obs)
+        return self.token_norm(self.encoder(obs))
 
     def forward(self, windows: Tensor, games: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
