@@ -66,9 +66,10 @@ class HostCopies:
     pin_memory = False
 
     def __init__(self, hbm_slots: int) -> None:
-        pass
+        """No per-slot state: nothing is ever in flight on the host."""
 
     def compute_marker(self):
+        """No compute stream to order copies after."""
         return None
 
     def to_device(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
@@ -78,13 +79,13 @@ class HostCopies:
         dst.copy_(src)
 
     def before_host_write(self, d: int) -> None:
-        pass
+        """No asynchronous copy can still be reading the slot."""
 
     def wait_ready(self, h: int) -> None:
-        pass
+        """Copies into the slot completed when they were made."""
 
     def synchronize(self) -> None:
-        pass
+        """Nothing to wait for."""
 
 
 class CudaCopies:
