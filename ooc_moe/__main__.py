@@ -11,6 +11,7 @@ import numpy as np
 from . import bench
 from .smoke import run_smoke
 from .store import TieredExpertStore
+from .store.stats import LINKS
 from .workloads import access_pattern, game_blocks, replay
 
 
@@ -50,9 +51,8 @@ def _demo(args: argparse.Namespace) -> None:
               f"{s['dram_hits'] / s['accesses']:.1%}, file reads "
               f"{s['file_reads'] / s['accesses']:.1%}) on {store.device}, {seconds:.1f} s")
         print("  per game: " + "  ".join(f"{rate:.1%}" for rate in per_game))
-        print("  moved: " + ", ".join(f"{link} {s['bytes_' + link] / 1e9:.2f} GB" for link in
-                                      ("file_to_dram", "dram_to_hbm", "hbm_to_dram",
-                                       "dram_to_file")))
+        print("  moved: " + ", ".join(f"{link} {s['bytes_' + link] / 1e9:.2f} GB"
+                                      for link in LINKS))
 
 
 ATARI_GAMES = ("pong", "breakout", "boxing", "freeway", "beamrider", "qbert", "phoenix",

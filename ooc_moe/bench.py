@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .moe import ExpertOptimizer, ExpertRouter, TieredMoELayer
 from .store import TieredExpertStore
 from .store.file_tier import DATA_NAME
+from .store.stats import LINKS
 
 __all__ = ["StoreBenchConfig", "bench_store", "LayerBenchConfig", "bench_layer",
            "SimBenchConfig", "bench_sim"]
@@ -333,10 +334,9 @@ def _tiered(cfg: LayerBenchConfig, directory: str, hbm: int, prefetch: bool,
         store.reset_stats()
         seconds = _train_steps(layer, optimizer, x, cfg.steps, store.device)
         s = store.get_stats_summary()
-        links = ("file_to_dram", "dram_to_hbm", "hbm_to_dram", "dram_to_file")
         return {"hbm": hbm, "prefetch": prefetch, "step_s": seconds,
                 "experts_used": layer.last_routing.expert_indices.unique().numel(),
-                "bytes_per_step": {k: s[f"bytes_{k}"] / cfg.steps for k in links},
+                "bytes_per_step": {k: s[f"bytes_{k}"] / cfg.steps for k in LINKS},
                 "record_bytes": store.record_bytes, "hit_rate": s["hit_rate"],
                 "prefetch_hits": s["prefetch_hits"]}
 

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .store.stats import StoreStats
+from .store.stats import LINKS, StoreStats
 
 __all__ = ["RoutingTrace", "LinkBandwidths", "SimResult", "simulate", "POLICIES"]
 
@@ -122,8 +122,7 @@ class SimResult(StoreStats):
     """The store's counters as the simulated policy would have produced them, plus moves per
     link, the HBM hit rate of each step and modelled transfer seconds."""
 
-    moves: dict = field(default_factory=lambda: dict.fromkeys(
-        ("file_to_dram", "dram_to_hbm", "hbm_to_dram", "dram_to_file"), 0))
+    moves: dict = field(default_factory=lambda: dict.fromkeys(LINKS, 0))
     hit_rate_per_step: list = field(default_factory=list)
     transfer_seconds: float = 0.0
 

@@ -36,7 +36,8 @@ from .moe.router import load_balancing_loss, router_z_loss
 from .store import TieredExpertStore
 from .trace import POLICIES, RoutingTrace, SimResult, simulate
 from .train import TrainArgs, train
-from .workloads import KINDS, LINKS, game_blocks, replay_pattern
+from .store.stats import LINKS
+from .workloads import KINDS, game_blocks, replay_pattern
 
 __all__ = ["TIER_COLOURS", "CLAIMED_HIT_RATE", "plot_tier_map", "cache_explorer",
            "show_cache_explorer", "cache_explorer_widget",

@@ -21,12 +21,12 @@ from typing import Sequence
 import numpy as np
 
 from .store import TieredExpertStore
+from .store.stats import LINKS
 
-__all__ = ["KINDS", "LINKS", "access_pattern", "game_blocks", "working_set_size", "replay",
+__all__ = ["KINDS", "access_pattern", "game_blocks", "working_set_size", "replay",
            "replay_pattern"]
 
 KINDS = ("sequential_games", "random", "zipf")
-LINKS = ("file_to_dram", "dram_to_hbm", "hbm_to_dram", "dram_to_file")  # the store's links
 ZIPF_EXPONENT = 1.1
 
 

@@ -19,7 +19,7 @@ from ooc_moe.viz import (layer_routing_counts, one_rollout, plot_layer_routing, 
                          plot_learning_curve, plot_param_budget, plot_rollout_routing,
                          plot_store_history, position_routing_counts, summarize_history,
                          train_run)
-from ooc_moe.workloads import LINKS  # noqa: E402
+from ooc_moe.store.stats import LINKS  # noqa: E402
 
 TINY = dict(num_experts=8, expert_dim=16, expert_hidden=32, num_layers=2, num_heads=2,
             context_len=3, hbm_cap=4, dram_cap=8, num_envs=2)

@@ -17,7 +17,7 @@ from ooc_moe.moe.layer import Dispatch  # noqa: E402
 from ooc_moe.viz import (moe_layer_widget, moe_training_run, plot_dispatch,  # noqa: E402
                          plot_moe_training, plot_routing_losses, routing_loss_curves,
                          show_moe_training)
-from ooc_moe.workloads import LINKS  # noqa: E402
+from ooc_moe.store.stats import LINKS  # noqa: E402
 
 SMALL = dict(tokens=64, steps=4)
 

@@ -5,8 +5,9 @@ from collections import Counter
 import pytest
 
 from ooc_moe import TieredExpertStore
-from ooc_moe.workloads import (KINDS, LINKS, access_pattern, game_blocks, replay,
-                               replay_pattern, working_set_size)
+from ooc_moe.store.stats import LINKS
+from ooc_moe.workloads import (KINDS, access_pattern, game_blocks, replay, replay_pattern,
+                               working_set_size)
 
 
 def hbm_hits_per_step(steps, capacity):

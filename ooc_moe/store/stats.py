@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["StoreStats"]
+__all__ = ["StoreStats", "LINKS"]
+
+# the physical links of the fetch path, in the order data moves up and back down
+LINKS = ("file_to_dram", "dram_to_hbm", "hbm_to_dram", "dram_to_file")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -190,12 +190,9 @@ class TransferEngine:
         return [f for r in resources if (f := self._last.get(r)) is not None and not f.done()]
 
     def drain(self) -> None:
-        """Wait until every submitted transfer has finished (successfully or not)."""
-        for future in list(self._pending):
-            try:
-                future.result()
-            except BaseException:  # noqa: BLE001 - recorded in self.error, raised by the store
-                pass
+        """Wait until every submitted transfer has finished (successfully or not: a failure
+        is kept in ``self.error`` for the store to raise)."""
+        wait(list(self._pending))
 
     def forget_history(self) -> None:
         """After a drain: no transfer is in flight, so nothing needs to be waited for."""

@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 from ..agent import DenseRLAgent, MoERLAgent, MoERLAgentConfig
 from ..detector import DetectorTrainer, EnvironmentDetector, PrefetchPlanner
 from ..metrics import normalized_mutual_information, prefetch_coverage, prefetch_precision
+from ..store.stats import LINKS
 from ..trace import RoutingTrace
 from .ppo import PPOArgs, PPOTrainer
 
 __all__ = ["TrainArgs", "make_env", "build_agent", "train"]
 
-LINKS = ("file_to_dram", "dram_to_hbm", "hbm_to_dram", "dram_to_file")
 
 
 @dataclass
