@@ -55,13 +55,14 @@ def _detector_and_planner() -> None:
 
 
 def _ppo_on_a_synthetic_game() -> None:
-    from .train import PPOArgs, TrainArgs, train
+    from .train import EvalArgs, PPOArgs, TrainArgs, train
 
     args = TrainArgs(games=("synthetic-0",), steps_per_game=64, num_experts=8, expert_dim=16,
                      expert_hidden_dim=32, num_heads=2, hbm_capacity=4, dram_capacity=8,
-                     context_len=2, ppo=PPOArgs(num_envs=4, num_steps=16, num_minibatches=2))
+                     context_len=2, ppo=PPOArgs(num_envs=4, num_steps=16, num_minibatches=2),
+                     eval=EvalArgs(episodes=2, max_steps=8))
     result = train(args, progress=False)
-    assert len(result["history"]) == 1
+    assert len(result["history"]) == 1 and len(result["retention"]) == 1
     result["agent"].store.shutdown()
 
 

@@ -30,8 +30,8 @@ def test_unknown_command_is_an_error():
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
-def test_demo_with_tiny_sizes_reports_both_patterns(tmp_path):
-    result = run("demo", "--num_experts", "32", "--expert_dim", "8", "--expert_hidden_dim",
+def test_store_demo_with_tiny_sizes_reports_both_patterns(tmp_path):
+    result = run("store-demo", "--num_experts", "32", "--expert_dim", "8", "--expert_hidden_dim",
                  "16", "--hbm_capacity", "8", "--dram_capacity", "16", "--num_games", "2",
                  "--steps_per_game", "20", "--experts_per_step", "4", "--dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -39,8 +39,8 @@ def test_demo_with_tiny_sizes_reports_both_patterns(tmp_path):
     assert (tmp_path / "experts.bin").stat().st_size > 0
 
 
-def test_demo_rejects_impossible_capacities():
-    result = run("demo", "--num_experts", "8", "--hbm_capacity", "16")
+def test_store_demo_rejects_impossible_capacities():
+    result = run("store-demo", "--num_experts", "8", "--hbm_capacity", "16")
     assert result.returncode != 0 and "larger than num_experts" in result.stderr
 
 
@@ -80,7 +80,7 @@ def test_smoke_command_checks_every_component():
 
 TINY = ["--num_experts", "8", "--expert_dim", "16", "--expert_hidden_dim", "32",
         "--num_heads", "2", "--hbm_capacity", "4", "--dram_capacity", "8", "--context_len", "2",
-        "--num_envs", "4", "--num_steps", "16"]
+        "--num_envs", "4", "--num_steps", "16", "--eval_episodes", "2", "--eval_max_steps", "20"]
 
 
 def test_train_two_synthetic_games_writes_metrics(tmp_path):

@@ -14,7 +14,7 @@ from matplotlib.collections import PolyCollection  # noqa: E402
 
 from ooc_moe.agent import DenseRLAgent, MoERLAgentConfig  # noqa: E402
 from ooc_moe.envs import make_synthetic  # noqa: E402
-from ooc_moe.train import PPOArgs, TrainArgs  # noqa: E402
+from ooc_moe.train import EvalArgs, PPOArgs, TrainArgs  # noqa: E402
 from ooc_moe.viz import (layer_routing_counts, one_rollout, plot_layer_routing,  # noqa: E402
                          plot_learning_curve, plot_param_budget, plot_rollout_routing,
                          plot_store_history, position_routing_counts, summarize_history,
@@ -258,7 +258,8 @@ def test_train_run_feeds_the_plots():
     args = TrainArgs(games=("synthetic-0", "synthetic-1"), steps_per_game=32, seed=0,
                      device="cpu", num_experts=8, expert_dim=16, expert_hidden_dim=32,
                      num_heads=2, context_len=2, hbm_capacity=4, dram_capacity=8,
-                     ppo=PPOArgs(num_envs=2, num_steps=8, num_minibatches=1, update_epochs=1))
+                     ppo=PPOArgs(num_envs=2, num_steps=8, num_minibatches=1, update_epochs=1),
+                     eval=EvalArgs(episodes=2, max_steps=8))
     threads = torch.get_num_threads()
     run = train_run(args)
     assert torch.get_num_threads() == threads

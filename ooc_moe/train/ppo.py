@@ -121,25 +121,29 @@ class PPOTrainer:
 
     # -- acting ------------------------------------------------------------------------------
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, new_episode: torch.Tensor, games: torch.Tensor):
-        """Encode each observation once, push it into its window, sample actions."""
+    def act(self, obs: torch.Tensor, new_episode: torch.Tensor, games: torch.Tensor,
+            windows: ContextWindows | None = None):
+        """Encode each observation once, push it into its window (the trainer's own, or
+        ``windows`` for evaluation), sample actions. Returns action, log-probability, value
+        and each MoE layer's ``[tokens, top_k]`` expert choices."""
         if self.planner is not None:
             self.planner.plan(obs)                 # prefetch before the step computes
-        windows = self.windows.push(self.agent.encode(obs), new_episode)
-        logits, value, _ = self.agent(windows, self._routing_games(obs, games))
+        tokens = (windows or self.windows).push(self.agent.encode(obs), new_episode)
+        logits, value, _ = self.agent(tokens, self._routing_games(obs, games))
         routing = [layer.last_routing for layer in self.agent.moe_layers]
         if self.planner is not None:
             self.planner.observe([r.expert_indices for r in routing])
-        for counts, r in zip(self.routing_counts, routing):
-            # each window's tokens all belong to its environment's game
-            tokens_per_env = r.expert_indices.shape[0] // len(games)
-            np.add.at(counts, (games.repeat_interleave(tokens_per_env * r.expert_indices.shape[1])
-                               .cpu().numpy(), r.expert_indices.reshape(-1).cpu().numpy()), 1)
-        if routing:
-            self.router_entropies.append(router_entropy(routing[-1].router_logits))
         dist = Categorical(logits=logits)
         action = dist.sample()
-        return action, dist.log_prob(action), value
+        return action, dist.log_prob(action), value, routing
+
+    def count_routing(self, routing: list, games: torch.Tensor, counts: list) -> None:
+        """Add each layer's expert choices to its ``[games, experts]`` table in ``counts``;
+        every token of a window belongs to its environment's game."""
+        for table, r in zip(counts, routing):
+            per_env = r.expert_indices.numel() // len(games)
+            np.add.at(table, (games.repeat_interleave(per_env).cpu().numpy(),
+                              r.expert_indices.reshape(-1).cpu().numpy()), 1)
 
     def _routing_games(self, obs: torch.Tensor, games: torch.Tensor) -> torch.Tensor | None:
         """For ``routing='env'``: the game the detector sees (the true one without one)."""
@@ -163,8 +167,11 @@ class PPOTrainer:
             b.dones[step] = state["new_episode"].float()
             games = torch.full((args.num_envs,), game, dtype=torch.long, device=self.device)
             b.games[step] = games
-            action, logprob, value = self.act(obs.to(self.device), state["new_episode"]
-                                              .to(self.device), games)
+            action, logprob, value, routing = self.act(
+                obs.to(self.device), state["new_episode"].to(self.device), games)
+            self.count_routing(routing, games, self.routing_counts)
+            if routing:
+                self.router_entropies.append(router_entropy(routing[-1].router_logits))
             b.actions[step], b.logprobs[step], b.values[step] = action, logprob, value
             next_obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
             done = np.logical_or(terminated, truncated)

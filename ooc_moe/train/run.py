@@ -1,14 +1,26 @@
-"""Train an agent on games one after another: environments, agents, logging, outputs.
+"""The sequential protocol: train on games one after another, evaluate every game after each.
 
 ``python -m ooc_moe train`` (synthetic games) and ``train-atari`` (real ALE games) call
-``train(TrainArgs(...))``. Each update logs CleanRL's charts and losses plus the store's
-``store/*`` figures (hit rate per tier, prefetch precision and coverage, bytes per link), the
-normalised mutual information between game and expert choice and the router entropy.
+``train(TrainArgs(...))``. For games ``g1..gN``: evaluate the untrained agent on every game
+(``initial``), then per stage train ``steps_per_game`` on one game and evaluate every game
+(``evaluate``: fixed seeds, the same in every run) -> one row of the retention matrix.
+
+Each update logs CleanRL's charts and losses plus the store's ``store/*`` figures (hit rate
+per tier, prefetch precision and coverage, bytes per link), the normalised mutual information
+between game and expert choice and the router entropy. With ``out``: ``metrics.json``
+(rewritten after every update), checkpoints (``checkpoint.py``) to resume from, and at the end
+``retention.csv``, the plots and, with ``trace``, ``trace.npz``.
+
+Resuming restores weights, optimizer states, detector, RNG states and the schedule position;
+the environments of the interrupted stage restart (episodes in flight are lost, as are the
+updates since the last checkpoint) and the store's counters start again from zero.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,12 +33,15 @@ from tqdm.auto import tqdm
 from ..agent import DenseRLAgent, MoERLAgent, MoERLAgentConfig
 from ..detector import DetectorTrainer, EnvironmentDetector, PrefetchPlanner
 from ..metrics import normalized_mutual_information, prefetch_coverage, prefetch_precision
+from ..scores import average_final_score, forgetting, human_normalized
+from ..store import TieredExpertStore
 from ..store.stats import LINKS
 from ..trace import RoutingTrace
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .evaluate import EvalArgs, evaluate
 from .ppo import PPOArgs, PPOTrainer
 
-__all__ = ["TrainArgs", "make_env", "build_agent", "train"]
-
+__all__ = ["TrainArgs", "make_env", "build_agent", "train", "args_from_json"]
 
 
 @dataclass
@@ -50,7 +65,9 @@ class TrainArgs:
     load_balance_coef: float = 0.01
     detector: bool = True           # train a detector online and prefetch with it (MoE only)
     trace: bool = False             # record every store call (trace.npz)
+    checkpoint_every: int = 0       # also checkpoint every N updates (0: after stages only)
     ppo: PPOArgs = field(default_factory=PPOArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
 
     def __post_init__(self) -> None:
         if isinstance(self.games, str):
@@ -82,11 +99,23 @@ def make_env(game: str, num_envs: int, seed: int):
                       reward_clipping=False)
 
 
-def build_agent(args: TrainArgs, path: str | None = None):
+def build_agent(args: TrainArgs, store_dir: Path | None = None, *, reopen: bool = False):
+    """The MoE agent (its expert file in ``store_dir``, a temporary one without; ``reopen``:
+    the file already there, from a checkpoint) or the dense baseline."""
     config = args.agent_config()
     if args.baseline == "dense":
         return DenseRLAgent(config, args.device)
-    return MoERLAgent(config, device=args.device, path=path)
+    if reopen:
+        store = TieredExpertStore.open(store_dir, args.device, hbm_capacity=config.hbm_cap,
+                                       dram_capacity=config.dram_cap,
+                                       num_experts=config.num_experts,
+                                       expert_dim=config.expert_dim,
+                                       hidden_dim=config.expert_hidden)
+    else:
+        store = TieredExpertStore(config.num_experts, config.expert_dim, config.expert_hidden,
+                                  config.hbm_cap, config.dram_cap, args.device, path=store_dir,
+                                  seed=args.seed, optimizer_state=True, overwrite=True)
+    return MoERLAgent(config, store=store)
 
 
 def _store_figures(store, before: dict) -> dict:
@@ -103,38 +132,120 @@ def _store_figures(store, before: dict) -> dict:
                for link in LINKS}}
 
 
-def train(args: TrainArgs, progress: bool = True) -> dict:
-    """Train on ``args.games`` in order; returns the history of per-update logs."""
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    agent = build_agent(args)
-    device = next(agent.parameters()).device
-    planner = detector_trainer = None
-    if args.baseline == "moe" and (args.detector or args.routing == "env"):
-        cfg = agent.config
-        detector = EnvironmentDetector(cfg.obs_shape, len(args.games), cfg.num_experts,
-                                       hidden_dim=128, num_layers=cfg.num_layers).to(device)
-        detector_trainer = DetectorTrainer(detector, seed=args.seed)
-        if args.detector:
-            planner = PrefetchPlanner(agent.store, detector)
-    trace = RoutingTrace() if args.trace and agent.store is not None else None
-    if trace is not None:
-        agent.store.trace = trace
-    trainer = PPOTrainer(agent, args.ppo, planner=planner, detector_trainer=detector_trainer)
-    iterations = args.steps_per_game // args.ppo.batch_size
-    history, started = [], time.perf_counter()
-    try:
-        for game_index, game in enumerate(args.games):
-            env = make_env(game, args.ppo.num_envs, args.seed + 1000 * game_index)
-            state = trainer.start(env, args.seed + 1000 * game_index)
-            bar = tqdm(range(iterations), desc=f"{game} ({args.baseline})", disable=not progress)
+class _Run:
+    """One run's moving parts: agent, detector, trainer, and the schedule position."""
+
+    def __init__(self, args: TrainArgs, resume: bool) -> None:
+        self.args = args
+        self.dir = Path(args.out) if args.out else None
+        store_dir = self.dir / "store" if self.dir and args.baseline == "moe" else None
+        saved = None
+        if resume:
+            if self.dir is None:
+                raise ValueError("resuming needs the run's directory (out=...)")
+            saved = load_checkpoint(self.dir, store_dir)
+        elif self.dir is not None and find_checkpoint(self.dir) is not None:
+            raise ValueError(f"{self.dir} holds a checkpoint of an earlier run: resume it with "
+                             f"--resume {self.dir}, or choose another --out")
+        _seed_everything(args.seed)
+        self.agent = build_agent(args, store_dir, reopen=resume)
+        device = next(self.agent.parameters()).device
+        self.planner = self.detector_trainer = None
+        if args.baseline == "moe" and (args.detector or args.routing == "env"):
+            cfg = self.agent.config
+            detector = EnvironmentDetector(cfg.obs_shape, len(args.games), cfg.num_experts,
+                                           hidden_dim=128, num_layers=cfg.num_layers).to(device)
+            self.detector_trainer = DetectorTrainer(detector, seed=args.seed)
+            if args.detector:
+                self.planner = PrefetchPlanner(self.agent.store, detector, keep_history=False)
+        self.trainer = PPOTrainer(self.agent, args.ppo, planner=self.planner,
+                                  detector_trainer=self.detector_trainer)
+        self.game_index, self.iteration = 0, 0
+        self.history: list[dict] = []
+        self.initial: list[float] | None = None       # scores of the untrained agent
+        self.retention: list[list[float]] = []        # one row per finished stage
+        self.evaluations: list[list[dict]] = []       # the same, with returns and routing
+        self.seconds = 0.0
+        if saved is not None:
+            self._restore(saved)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state(self) -> dict:
+        det = self.detector_trainer
+        return {
+            "args": _jsonable(self.args), "game_index": self.game_index,
+            "iteration": self.iteration, "history": self.history, "initial": self.initial,
+            "retention": self.retention, "evaluations": self.evaluations,
+            "seconds": self.seconds, "agent": self.agent.state_dict(),
+            "dense_opt": self.trainer.dense_opt.state_dict(),
+            "routing_counts": self.trainer.routing_counts,
+            "detector": None if det is None else {
+                "model": det.detector.state_dict(), "opt": det.optimizer.state_dict(),
+                "generator": det.generator.get_state(), "steps": det.steps},
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                    else None}}
+
+    def _restore(self, saved: dict) -> None:
+        self.game_index, self.iteration = saved["game_index"], saved["iteration"]
+        self.history, self.initial = saved["history"], saved["initial"]
+        self.retention, self.evaluations = saved["retention"], saved["evaluations"]
+        self.seconds = saved["seconds"]
+        self.agent.load_state_dict(saved["agent"])
+        self.trainer.dense_opt.load_state_dict(saved["dense_opt"])
+        self.trainer.routing_counts = saved["routing_counts"]
+        if saved["detector"] is not None:
+            det, d = self.detector_trainer, saved["detector"]
+            det.detector.load_state_dict(d["model"])
+            det.optimizer.load_state_dict(d["opt"])
+            det.generator.set_state(d["generator"])
+            det.steps = d["steps"]
+        rng = saved["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def checkpoint(self, started: float) -> None:
+        if self.dir is not None:
+            state = self.state()
+            state["seconds"] = self.seconds_now(started)
+            save_checkpoint(self.dir, state, self.agent.store)
+
+    def seconds_now(self, started: float) -> float:
+        return self.seconds + time.perf_counter() - started
+
+    # -- the protocol ---------------------------------------------------------------------
+    def evaluate_all(self) -> list[dict]:
+        """Evaluate every game of the sequence (one row of the retention matrix)."""
+        row = []
+        for game_index, game in enumerate(self.args.games):
+            env = make_env(game, self.args.eval.episodes, self.args.eval.seed)
+            try:
+                row.append(evaluate(self.trainer, env, game_index, self.args.eval))
+            finally:
+                env.close()
+        return row
+
+    def train_stage(self, progress: bool, started: float, write) -> None:
+        args, trainer, agent = self.args, self.trainer, self.agent
+        game_index, game = self.game_index, self.args.games[self.game_index]
+        iterations = args.steps_per_game // args.ppo.batch_size
+        # a resumed stage starts its environments afresh (episodes in flight are not saved)
+        seed = args.seed + 1000 * game_index + self.iteration
+        env = make_env(game, args.ppo.num_envs, seed)
+        state = trainer.start(env, seed)
+        bar = tqdm(range(self.iteration, iterations), desc=f"{game} ({args.baseline})",
+                   disable=not progress, initial=self.iteration, total=iterations)
+        try:
             for it in bar:
                 if args.ppo.anneal_lr:
                     trainer.set_learning_rate(args.ppo.learning_rate * (1 - it / iterations))
                 before = agent.store.get_stats_summary() if agent.store is not None else None
-                if trace is not None:
-                    trace.begin_step(game_index)
+                if agent.store is not None and agent.store.trace is not None:
+                    agent.store.trace.begin_step(game_index)
                 logs = trainer.iteration(env, state, game_index)
                 logs.update({"game": game, "game_index": game_index, "iteration": it,
                              "global_step": (game_index * iterations + it + 1)
@@ -146,43 +257,141 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
                         table[:game_index + 1])
                     logs["routing/router_entropy"] = float(np.mean(trainer.router_entropies[
                         -args.ppo.num_steps:]))
-                history.append(logs)
-                if args.out:                  # progressively: a long run can be read while it runs
-                    _write_metrics(args, history, started)
+                self.history.append(logs)
+                self.iteration = it + 1
+                if args.checkpoint_every and (self.iteration % args.checkpoint_every == 0
+                                              or self.iteration == iterations):
+                    self.checkpoint(started)
+                write()
                 returns = logs["charts/episodic_returns"]
                 if returns:
                     bar.set_postfix(ret=f"{np.mean(returns):.1f}",
                                     sps=f"{logs['charts/SPS']:.0f}")
+        finally:
             env.close()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(args: TrainArgs, progress: bool = True, *, resume: bool = False,
+          command: str | None = None) -> dict:
+    """Train on ``args.games`` in order, evaluating every game after each stage.
+
+    With ``args.out``: a checkpoint after every stage (and every ``args.checkpoint_every``
+    updates), ``metrics.json`` rewritten after every update, and at the end
+    ``retention.csv`` and the plots. ``resume=True`` continues the run saved in ``args.out``
+    from its checkpoint. Returns the metrics (as in ``metrics.json``) plus the ``agent``.
+    """
+    run = _Run(args, resume)
+    agent, started = run.agent, time.perf_counter()
+    trace = RoutingTrace() if args.trace and agent.store is not None else None
+    if trace is not None:
+        agent.store.trace = trace
+
+    def write(finished: bool = False) -> dict:
+        metrics = _metrics(run, run.seconds_now(started), command, finished)
+        if args.out:
+            _write_json(Path(args.out) / "metrics.json", metrics)
+        return metrics
+
+    try:
+        if run.initial is None:
+            run.initial = [e["score"] for e in run.evaluate_all()]
+        while run.game_index < len(args.games):
+            run.train_stage(progress, started, write)
+            row = run.evaluate_all()
+            run.evaluations.append(row)
+            run.retention.append([e["score"] for e in row])
+            run.game_index, run.iteration = run.game_index + 1, 0
+            run.checkpoint(started)
+            write()
     finally:
         if agent.store is not None:
             agent.store.trace = None
-    result = {"args": _jsonable(args), "history": history,
-              "seconds": time.perf_counter() - started,
-              "params": agent.config.estimate_params()}
-    if planner is not None:
-        result["planner"] = planner.summary()
+    metrics = write(finished=True)
     if args.out:
-        _write_metrics(args, history, started, result)
+        out = Path(args.out)
+        _write_retention_csv(out / "retention.csv", metrics)
         if trace is not None:
-            trace.save(Path(args.out) / "trace.npz")
-    result["agent"] = agent
-    return result
+            trace.save(out / "trace.npz")
+        from ..viz import save_run_plots
+        metrics["plots"] = save_run_plots(metrics, out)
+        _write_json(out / "metrics.json", metrics)
+    metrics["agent"] = agent
+    return metrics
 
 
-def _write_metrics(args: TrainArgs, history: list, started: float,
-                   result: dict | None = None) -> None:
-    """Write ``metrics.json`` atomically (a reader never sees half a file)."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = result or {"args": _jsonable(args), "history": history,
-                        "seconds": time.perf_counter() - started, "finished": False}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=float))
-    tmp.replace(out / "metrics.json")
+def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> dict:
+    """What ``metrics.json`` holds: the config, the history, the retention matrix so far and
+    the figures derived from it."""
+    args, history = run.args, run.history
+    games = list(args.games)
+    metrics = {"args": _jsonable(args), "command": command, "device": _device_name(run.agent),
+               "date": time.strftime("%Y-%m-%d"), "finished": finished, "seconds": seconds,
+               "params": run.agent.config.estimate_params(), "games": games,
+               "initial": run.initial, "retention": run.retention,
+               "sps": float(np.mean([h["charts/SPS"] for h in history])) if history else None}
+    if len(run.retention) == len(games):
+        metrics["forgetting"] = forgetting(run.retention).tolist()
+        metrics["human_normalized"] = [[human_normalized(g, s) for g, s in zip(games, row)]
+                                       for row in run.retention]
+        metrics["average_final_score"] = average_final_score(run.retention, games)
+    if run.evaluations and run.agent.moe_layers:   # [layer][game][expert], after the last stage
+        routing = np.array([e["routing"] for e in run.evaluations[-1]]).transpose(1, 0, 2)
+        metrics["eval_routing"] = routing.tolist()
+        metrics["mutual_information"] = [normalized_mutual_information(t) for t in routing]
+    if history and "store/hit_rate" in history[-1]:
+        metrics["hit_rate"] = [h["store/hit_rate"] for h in history]
+        metrics["dram_hit_rate"] = [h["store/dram_hit_rate"] for h in history]
+        metrics["prefetch_precision"] = [h["store/prefetch_precision"] for h in history]
+        metrics["prefetch_coverage"] = [h["store/prefetch_coverage"] for h in history]
+        metrics["router_entropy"] = [h["routing/router_entropy"] for h in history]
+        metrics["bytes_moved"] = {link: float(sum(h[f"store/bytes_{link}"] for h in history))
+                                  for link in LINKS}
+    if run.planner is not None:
+        metrics["planner"] = run.planner.summary()
+    metrics["history"] = history
+    return metrics
+
+
+def _device_name(agent) -> str:
+    device = next(agent.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    tmp.replace(path)
+
+
+def _write_retention_csv(path: Path, metrics: dict) -> None:
+    games = metrics["games"]
+    lines = ["after," + ",".join(games), "untrained," + ",".join(
+        f"{s:.3f}" for s in metrics["initial"])]
+    lines += [f"{games[i]}," + ",".join(f"{s:.3f}" for s in row)
+              for i, row in enumerate(metrics["retention"])]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _jsonable(args: TrainArgs) -> dict:
     d = asdict(args)
     d["games"] = list(args.games)
+    d["ppo"].pop("batch_size")
+    d["ppo"].pop("envs_per_minibatch")
     return d
+
+
+def args_from_json(d: dict) -> TrainArgs:
+    """The ``TrainArgs`` a run saved (``metrics.json["args"]`` or its checkpoint's)."""
+    d = dict(d)
+    ppo, evaluation = PPOArgs(**d.pop("ppo")), EvalArgs(**d.pop("eval"))
+    return TrainArgs(**d, ppo=ppo, eval=evaluation)

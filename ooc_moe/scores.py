@@ -1,0 +1,80 @@
+"""Scores of a sequential (continual) run: retention matrix, forgetting, human-normalised scores.
+
+A run trains on games ``g1..gN`` one after another and, after each stage, evaluates every game:
+``retention[s][g]`` is the score on game ``g`` after stage ``s`` (raw game score). From it
+(Continual World, Wolczyk et al., 2021):
+
+- forgetting of game ``g`` = score at the end of its own stage minus at the end of the
+  sequence, ``R[g][g] - R[N-1][g]`` (positive = forgotten; the last game has none);
+- average final score = mean over games of the last row, in human-normalised units so that
+  games of different score ranges can be averaged.
+
+Human-normalised score = ``100 * (score - random) / (human - random)`` with the random and human
+scores of the table used since Badia et al. (2020, Agent57), ``HUMAN_SCORES`` below; games not
+in it get ``nan``. Spread over seeds: ``bootstrap_interval`` (percentile bootstrap of the mean).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["HUMAN_SCORES", "human_normalized", "forgetting", "average_final_score",
+           "bootstrap_interval"]
+
+# game: (random, human), the table of Badia et al. (2020), Agent57, appendix H
+HUMAN_SCORES: dict[str, tuple[float, float]] = {
+    "pong": (-20.7, 14.6), "breakout": (1.7, 30.5), "boxing": (0.1, 12.1),
+    "freeway": (0.0, 29.6), "beam_rider": (363.9, 16926.5), "qbert": (163.9, 13455.0),
+    "phoenix": (761.4, 7242.6), "name_this_game": (2292.3, 8049.0),
+    "battle_zone": (2360.0, 37187.5), "double_dunk": (-18.6, -16.4),
+    "space_invaders": (148.0, 1668.7), "seaquest": (68.4, 42054.7), "enduro": (0.0, 860.5),
+    "ms_pacman": (307.3, 6951.6),
+}
+
+
+def human_normalized(game: str, score: float) -> float:
+    """``100 * (score - random) / (human - random)``; nan for a game not in the table."""
+    if game not in HUMAN_SCORES:
+        return math.nan
+    random, human = HUMAN_SCORES[game]
+    return 100.0 * (score - random) / (human - random)
+
+
+def _square(retention) -> np.ndarray:
+    r = np.asarray(retention, dtype=np.float64)
+    if r.ndim != 2 or r.shape[0] != r.shape[1]:
+        raise ValueError(f"a retention matrix is [stages, games] with one stage per game, "
+                         f"got shape {r.shape}")
+    return r
+
+
+def forgetting(retention) -> np.ndarray:
+    """Per game: ``R[g][g] - R[-1][g]`` (score lost by the end of the sequence)."""
+    r = _square(retention)
+    return np.diag(r) - r[-1]
+
+
+def average_final_score(retention, games: Sequence[str]) -> float:
+    """Mean human-normalised score of the last row (games outside the table left out)."""
+    r = _square(retention)
+    if len(games) != r.shape[1]:
+        raise ValueError(f"{len(games)} game names for {r.shape[1]} columns")
+    scores = [human_normalized(g, s) for g, s in zip(games, r[-1])]
+    known = [s for s in scores if not math.isnan(s)]
+    return float(np.mean(known)) if known else math.nan
+
+
+def bootstrap_interval(values: Sequence[float], confidence: float = 0.95,
+                       resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (one per seed)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("no values to bootstrap")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    means = np.random.default_rng(seed).choice(v, (resamples, v.size)).mean(1)
+    tail = (1 - confidence) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))

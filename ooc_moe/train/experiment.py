@@ -1,0 +1,129 @@
+"""The comparison the package exists for: MoE (token / env routing) vs dense, over seeds.
+
+``run_experiment`` trains one run per (kind, seed) into ``OUT/<kind>-seed<seed>/`` with the
+same games, schedule, evaluation and active parameters, then writes ``OUT/summary.json``. A
+run whose ``metrics.json`` says it finished is read back, not retrained; one with a checkpoint
+is resumed: calling it again after an interruption finishes the experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..scores import bootstrap_interval
+from .checkpoint import find_checkpoint
+from .run import TrainArgs, train
+
+__all__ = ["RUN_KINDS", "run_experiment", "summarize", "format_summary", "load_results"]
+
+RUN_KINDS = {"token": {"baseline": "moe", "routing": "token"},
+             "env": {"baseline": "moe", "routing": "env"},
+             "dense": {"baseline": "dense", "routing": "token"}}
+
+
+def run_experiment(base: TrainArgs, kinds: Sequence[str], seeds: Sequence[int],
+                   out: str | Path, *, progress: bool = True, command: str | None = None
+                   ) -> dict:
+    """Train (or resume, or read back) every ``kind`` x ``seed``; returns the summary."""
+    unknown = [k for k in kinds if k not in RUN_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"runs must be among {', '.join(RUN_KINDS)}, got {list(kinds)}")
+    if not seeds:
+        raise ValueError("give at least one seed")
+    out = Path(out)
+    for kind in kinds:
+        for seed in seeds:
+            run_dir = out / f"{kind}-seed{seed}"
+            if _finished(run_dir):
+                continue
+            args = replace(base, **RUN_KINDS[kind], seed=seed, out=str(run_dir))
+            train(args, progress, resume=find_checkpoint(run_dir) is not None,
+                  command=command)
+    results = load_results(out)
+    summary = summarize({name: results[name] for kind in kinds for seed in seeds
+                         if (name := f"{kind}-seed{seed}") in results})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+def _finished(run_dir: Path) -> bool:
+    path = run_dir / "metrics.json"
+    return path.is_file() and json.loads(path.read_text()).get("finished", False)
+
+
+def load_results(out: str | Path) -> dict[str, dict]:
+    """Every finished run's ``metrics.json`` under ``out``, by run name."""
+    return {p.parent.name: json.loads(p.read_text())
+            for p in sorted(Path(out).glob("*/metrics.json"))
+            if json.loads(p.read_text()).get("finished")}
+
+
+def summarize(results: Mapping[str, dict]) -> dict:
+    """Per kind of run, over its seeds: mean retention matrix, forgetting (mean, min, max),
+    average final human-normalised score (mean and bootstrap interval), mean HBM hit rate,
+    game-expert NMI, SPS."""
+    by_kind: dict[str, list[dict]] = {}
+    for name, metrics in results.items():
+        by_kind.setdefault(name.rsplit("-seed", 1)[0], []).append(metrics)
+    summary = {}
+    for kind, runs in by_kind.items():
+        forgetting = np.array([m["forgetting"] for m in runs])
+        finals = [m["average_final_score"] for m in runs]
+        s = {"seeds": [m["args"]["seed"] for m in runs], "games": runs[0]["games"],
+             "initial": np.mean([m["initial"] for m in runs], 0).tolist(),
+             "retention": np.mean([m["retention"] for m in runs], 0).tolist(),
+             "forgetting": forgetting.mean(0).tolist(),
+             "forgetting_min": forgetting.min(0).tolist(),
+             "forgetting_max": forgetting.max(0).tolist(),
+             "average_final_score": float(np.mean(finals)),
+             "sps": float(np.mean([m["sps"] for m in runs])),
+             "seconds": float(np.mean([m["seconds"] for m in runs])),
+             "device": runs[0]["device"], "date": runs[0]["date"]}
+        known = [f for f in finals if not math.isnan(f)]
+        if len(known) > 1:
+            s["average_final_score_interval"] = bootstrap_interval(known)
+        if "hit_rate" in runs[0]:
+            s["hit_rate"] = float(np.mean([np.mean(m["hit_rate"]) for m in runs]))
+            s["mutual_information"] = float(np.mean([np.mean(m["mutual_information"])
+                                                     for m in runs]))
+        summary[kind] = s
+    return summary
+
+
+def format_summary(summary: Mapping[str, dict]) -> str:
+    """Retention tables side by side (rows: after which stage; columns: games), then the
+    forgetting and store figures of each kind of run."""
+    kinds = list(summary)
+    games = summary[kinds[0]]["games"]
+    width = max(8, *(len(g) + 1 for g in games))
+    label = max(12, *(len(g) + 7 for g in games))
+
+    def row(name: str, values_per_kind: list[list[float]]) -> str:
+        cells = [" ".join(f"{v:>{width}.1f}" for v in values) for values in values_per_kind]
+        return f"{name:<{label}}" + "  |  ".join(cells)
+    block = len(games) * (width + 1) - 1
+    lines = ["retention: score on each game (columns) after training each stage (rows)",
+             " " * label + "  |  ".join(f"{k} (seeds {','.join(map(str, summary[k]['seeds']))})"
+                                        .center(block) for k in kinds),
+             " " * label + "  |  ".join(" ".join(f"{g:>{width}}" for g in games)
+                                        for _ in kinds),
+             row("untrained", [summary[k]["initial"] for k in kinds])]
+    for stage, game in enumerate(games):
+        lines.append(row(f"after {game}", [summary[k]["retention"][stage] for k in kinds]))
+    lines.append(row("forgetting", [summary[k]["forgetting"] for k in kinds]))
+    lines.append("")
+    for k in kinds:
+        s = summary[k]
+        text = (f"{k:<6} average final human-normalised score {s['average_final_score']:6.1f}"
+                f"  SPS {s['sps']:5.0f}  {s['seconds'] / 60:5.1f} min/run")
+        if "hit_rate" in s:
+            text += (f"  HBM hit rate {s['hit_rate']:.1%}  game-expert NMI "
+                     f"{s['mutual_information']:.3f}")
+        lines.append(text)
+    return "\n".join(lines)

@@ -1,0 +1,308 @@
+"""The sequential protocol: scores, evaluation, checkpoints and resume, the experiment runner."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from ooc_moe.scores import (HUMAN_SCORES, average_final_score, bootstrap_interval,  # noqa: E402
+                            forgetting, human_normalized)
+from ooc_moe.train import (EvalArgs, PPOArgs, PPOTrainer, TrainArgs, args_from_json,  # noqa: E402
+                           build_agent, evaluate, find_checkpoint, format_summary,
+                           load_checkpoint, make_env, run_experiment, save_checkpoint,
+                           summarize, train)
+from ooc_moe.train import run as run_module  # noqa: E402
+from ooc_moe.viz import (plot_forgetting, plot_game_expert_usage,  # noqa: E402
+                         plot_game_over_stages, plot_retention, sequential_results_widget,
+                         show_sequential_run)
+
+TINY = dict(games=("synthetic-0", "synthetic-1"), steps_per_game=64, device="cpu",
+            num_experts=8, expert_dim=16, expert_hidden_dim=32, num_heads=2, context_len=2,
+            hbm_capacity=4, dram_capacity=8,
+            ppo=PPOArgs(num_envs=4, num_steps=16, num_minibatches=2, update_epochs=2),
+            eval=EvalArgs(episodes=2, max_steps=12))
+
+
+def tiny(**kw) -> TrainArgs:
+    return replace(TrainArgs(**TINY), **kw)
+
+
+# -- scores ----------------------------------------------------------------------------------
+def test_forgetting_is_own_stage_minus_last_row():
+    r = [[5.0, 1.0, 0.0], [3.0, 7.0, 1.0], [2.0, 4.0, 9.0]]
+    assert forgetting(r).tolist() == [5.0 - 2.0, 7.0 - 4.0, 0.0]
+    with pytest.raises(ValueError, match="one stage per game"):
+        forgetting([[1.0, 2.0]])
+
+
+def test_human_normalized_scores_follow_the_table():
+    assert human_normalized("pong", -20.7) == pytest.approx(0.0)
+    assert human_normalized("pong", 14.6) == pytest.approx(100.0)
+    assert human_normalized("boxing", 6.1) == pytest.approx(50.0)
+    assert np.isnan(human_normalized("synthetic-0", 3.0))
+    assert all(human < random or human > random for random, human in HUMAN_SCORES.values())
+    r = [[0.0, 0.0], [-20.7, 12.1]]
+    assert average_final_score(r, ["pong", "boxing"]) == pytest.approx(50.0)
+    assert average_final_score(r, ["pong", "synthetic-1"]) == pytest.approx(0.0)
+    assert np.isnan(average_final_score(r, ["synthetic-0", "synthetic-1"]))
+
+
+def test_bootstrap_interval_brackets_the_mean_within_the_range():
+    values = [1.0, 2.0, 4.0, 8.0]
+    low, high = bootstrap_interval(values)
+    assert min(values) <= low < np.mean(values) < high <= max(values)
+    assert bootstrap_interval([3.0]) == (3.0, 3.0)
+    with pytest.raises(ValueError, match="no values"):
+        bootstrap_interval([])
+
+
+# -- evaluation ------------------------------------------------------------------------------
+class RecordingEnv:
+    """Passes calls to a synthetic env and keeps each environment's first finished
+    episode's return as the env itself reports it (``info['episode_return']``)."""
+
+    def __init__(self, env):
+        self.env, self.first = env, np.full(env.num_envs, np.nan)
+
+    def reset(self, **kw):
+        return self.env.reset(**kw)
+
+    def step(self, action):
+        out = self.env.step(action)
+        new = np.isnan(self.first) & ~np.isnan(out[4]["episode_return"])
+        self.first[new] = out[4]["episode_return"][new]
+        return out
+
+
+def test_evaluate_scores_whole_episodes_and_disturbs_nothing():
+    args = tiny()
+    agent = build_agent(args)
+    trainer = PPOTrainer(agent, args.ppo)
+    windows_before = trainer.windows.tokens.clone()
+    eval_args = EvalArgs(episodes=3, max_steps=500)      # synthetic episodes last 200 steps
+    env = RecordingEnv(make_env("synthetic-1", 3, eval_args.seed))
+    torch.manual_seed(7)
+    result = evaluate(trainer, env, 1, eval_args)
+    after_eval = torch.rand(1)
+    torch.manual_seed(7)
+    assert torch.equal(after_eval, torch.rand(1))         # the global RNG stream is untouched
+    assert torch.equal(trainer.windows.tokens, windows_before)
+    assert result["finished"] == 3 and result["steps"] == 200
+    assert result["returns"] == pytest.approx(env.first.tolist())
+    assert result["score"] == pytest.approx(env.first.mean())
+    tokens = 3 * 200 * args.context_len * args.top_k      # envs x steps x window x top_k
+    assert [sum(c) for c in result["routing"]] == [tokens] * args.num_layers
+    again = evaluate(trainer, make_env("synthetic-1", 3, eval_args.seed), 1, eval_args)
+    assert again["returns"] == result["returns"]           # same seeds, same episodes
+    capped = evaluate(trainer, make_env("synthetic-1", 3, eval_args.seed), 1,
+                      replace(eval_args, max_steps=50))
+    assert capped["finished"] == 0 and capped["steps"] == 50
+    assert capped["score"] <= result["score"]              # rewards are >= 0 in this game
+    agent.store.shutdown()
+
+
+@pytest.mark.parametrize("field, value", [("episodes", 0), ("max_steps", 2.5)])
+def test_eval_args_reject_nonsense(field, value):
+    with pytest.raises(ValueError, match=field):
+        EvalArgs(**{field: value})
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def test_checkpoint_swap_never_exposes_a_partial_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path, {"n": 1})
+    save_checkpoint(tmp_path, {"n": 2})
+    assert load_checkpoint(tmp_path)["n"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    # killed while writing the next one: the half-written tmp is never read
+    (tmp_path / "checkpoint.tmp").mkdir()
+    (tmp_path / "checkpoint.tmp" / "state.pt").write_bytes(b"\0garbage")
+    assert load_checkpoint(tmp_path)["n"] == 2
+    # killed between the two renames: the old one is complete and found
+    os.replace(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
+    assert find_checkpoint(tmp_path).name == "checkpoint.old"
+    assert load_checkpoint(tmp_path)["n"] == 2
+    save_checkpoint(tmp_path, {"n": 3})                   # and the next save cleans up
+    assert load_checkpoint(tmp_path)["n"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_checkpoint_copies_the_flushed_expert_file(tmp_path):
+    args = tiny(out=str(tmp_path / "run"))
+    agent = build_agent(args, tmp_path / "store")
+    store = agent.store
+    ex = store.get_experts([3])[3]
+    ex.params.fill_(0.25)
+    store.mark_dirty([3])                               # dirty in HBM, not yet in the file
+    save_checkpoint(tmp_path / "run", {"n": 1}, store)
+    store.shutdown()
+    load_checkpoint(tmp_path / "run", tmp_path / "restored")
+    from ooc_moe.store import TieredExpertStore
+    with TieredExpertStore.open(tmp_path / "restored", "cpu", hbm_capacity=4,
+                                dram_capacity=8) as restored:
+        assert torch.all(restored.read_expert(3)["w1"] == 0.25)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("baseline", ["moe", "dense"])
+def test_resume_at_a_stage_boundary_matches_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                 baseline):
+    # no detector: its replay buffer is not checkpointed (the agent's math never reads it)
+    args = tiny(baseline=baseline, detector=False)
+    whole = train(replace(args, out=str(tmp_path / "whole")), progress=False)
+    original = run_module._Run.train_stage
+
+    def stop_at_second_stage(self, *a):
+        if self.game_index == 1:
+            raise Interrupt
+        return original(self, *a)
+
+    monkeypatch.setattr(run_module._Run, "train_stage", stop_at_second_stage)
+    with pytest.raises(Interrupt):
+        train(replace(args, out=str(tmp_path / "cut")), progress=False)
+    monkeypatch.setattr(run_module._Run, "train_stage", original)
+    with pytest.raises(ValueError, match="--resume"):    # a fresh start would overwrite it
+        train(replace(args, out=str(tmp_path / "cut")), progress=False)
+    resumed = train(replace(args, out=str(tmp_path / "cut")), progress=False, resume=True)
+    assert resumed["retention"] == whole["retention"]
+    assert resumed["initial"] == whole["initial"]
+    key = "losses/value_loss"
+    assert [h[key] for h in resumed["history"]] == [h[key] for h in whole["history"]]
+    for run in (whole, resumed):
+        if run["agent"].store is not None:
+            run["agent"].store.shutdown()
+
+
+TINY_CLI = ["--num_experts", "8", "--expert_dim", "16", "--expert_hidden_dim", "32",
+            "--num_heads", "2", "--hbm_capacity", "4", "--dram_capacity", "8",
+            "--context_len", "2", "--num_envs", "4", "--num_steps", "16",
+            "--eval_episodes", "2", "--eval_max_steps", "12"]
+
+
+def test_a_run_killed_mid_stage_resumes_and_loses_only_work_since_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ooc_moe", "train", "--games", "synthetic-0,synthetic-1",
+           "--steps_per_game", "1024", "--checkpoint_every", "2", "--out", str(out), *TINY_CLI]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    saved = None
+    while time.time() < deadline and proc.poll() is None:
+        state = out / "checkpoint" / "state.pt"
+        if state.exists():
+            try:
+                saved = torch.load(state, weights_only=False)
+            except Exception:                              # caught mid-swap: look again
+                saved = None
+            if saved is not None and saved["game_index"] == 0 and saved["iteration"] >= 4:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed mid-stage"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    checkpoint = load_checkpoint(out)                       # complete, whatever the timing
+    assert checkpoint["game_index"] == 0 and 0 < checkpoint["iteration"] < 16
+    before = [h["losses/value_loss"] for h in checkpoint["history"]]
+    result = subprocess.run([sys.executable, "-m", "ooc_moe", "train", "--resume", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"] and len(metrics["retention"]) == 2
+    iterations = [(h["game_index"], h["iteration"]) for h in metrics["history"]]
+    assert iterations == [(g, i) for g in range(2) for i in range(16)]   # no gap, no repeat
+    assert [h["losses/value_loss"] for h in metrics["history"][:len(before)]] == before
+    assert args_from_json(metrics["args"]).checkpoint_every == 2
+
+
+def test_cli_refuses_to_resume_nothing_and_to_overwrite_a_checkpoint(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "ooc_moe", *args], capture_output=True,
+                              text=True, timeout=300)
+    result = cli("train", "--resume", str(tmp_path / "nothing"))
+    assert result.returncode != 0 and "no checkpoint" in result.stderr
+    save_checkpoint(tmp_path, {"n": 1})
+    result = cli("train", "--steps_per_game", "64", "--out", str(tmp_path), *TINY_CLI)
+    assert result.returncode != 0 and f"--resume {tmp_path}" in result.stderr
+    assert load_checkpoint(tmp_path) == {"n": 1}                # untouched
+    result = cli("experiment", "--runs", "token,moe", "--out", str(tmp_path / "x"))
+    assert result.returncode != 0 and "--runs" in result.stderr
+
+
+# -- the experiment and its plots ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment")
+    summary = run_experiment(tiny(), ["token", "dense"], [1, 2], out, progress=False)
+    return out, summary
+
+
+def test_experiment_writes_every_run_and_a_summary(experiment):
+    out, summary = experiment
+    assert list(summary) == ["token", "dense"]
+    for name in ("token-seed1", "token-seed2", "dense-seed1", "dense-seed2"):
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert metrics["finished"] and np.array(metrics["retention"]).shape == (2, 2)
+        assert metrics["forgetting"] == pytest.approx(forgetting(metrics["retention"]))
+        assert (out / name / "retention.csv").read_text().startswith(
+            "after,synthetic-0,synthetic-1\nuntrained,")
+        assert (out / name / "retention.png").stat().st_size > 0
+    token = [json.loads((out / f"token-seed{s}" / "metrics.json").read_text()) for s in (1, 2)]
+    np.testing.assert_allclose(summary["token"]["retention"],
+                               np.mean([m["retention"] for m in token], 0))
+    assert summary["token"]["forgetting_min"] == pytest.approx(
+        np.min([m["forgetting"] for m in token], 0).tolist())
+    assert summary["token"]["seeds"] == [1, 2]
+    assert 0 <= summary["token"]["hit_rate"] <= 1 and "hit_rate" not in summary["dense"]
+    assert len(token[0]["eval_routing"]) == 2                # [layer][game][expert]
+    assert np.array(token[0]["eval_routing"]).shape == (2, 2, 8)
+    text = format_summary(summary)
+    assert "after synthetic-1" in text and "token (seeds 1,2)" in text and "NMI" in text
+    assert json.loads((out / "summary.json").read_text())["dense"]["seeds"] == [1, 2]
+
+
+def test_experiment_reads_finished_runs_back_instead_of_retraining(experiment):
+    out, summary = experiment
+    stamp = (out / "token-seed1" / "metrics.json").stat().st_mtime_ns
+    again = run_experiment(tiny(), ["token", "dense"], [1, 2], out, progress=False)
+    assert (out / "token-seed1" / "metrics.json").stat().st_mtime_ns == stamp
+    for kind in ("token", "dense"):            # (average_final_score: nan, no human table)
+        for key in ("retention", "initial", "forgetting", "sps", "seconds"):
+            assert again[kind][key] == summary[kind][key]
+    with pytest.raises(ValueError, match="runs must be among"):
+        run_experiment(tiny(), ["moe"], [1], out)
+
+
+def test_sequential_plots_draw_from_the_results(experiment):
+    out, summary = experiment
+    results = {p.name: json.loads((p / "metrics.json").read_text())
+               for p in sorted(out.iterdir()) if p.is_dir()}
+    fig = plot_retention(results)
+    assert len(fig.axes) == 4
+    assert len(plot_retention(summary).axes) == 2
+    plot_forgetting(summary)
+    fig = plot_game_expert_usage(results["token-seed1"], layer=1, game="synthetic-1")
+    assert "layer 1" in fig.axes[0].get_title()
+    assert len(plot_game_expert_usage(results["token-seed1"]).axes) == 4   # 2 + colour bars
+    with pytest.raises(ValueError, match="no expert routing"):
+        plot_game_expert_usage(results["dense-seed1"])
+    with pytest.raises(ValueError, match="layer must lie"):
+        plot_game_expert_usage(results["token-seed1"], layer=5)
+    plot_game_over_stages(results, "synthetic-0")
+    with pytest.raises(ValueError, match="not one of"):
+        plot_game_over_stages(results, "pong")
+    show_sequential_run(results, "token-seed2", 1, "synthetic-1")
+    show_sequential_run(results, "dense-seed1", 0, "synthetic-0")
+    sequential_results_widget(results)
