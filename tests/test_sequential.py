@@ -270,6 +270,7 @@ def test_experiment_writes_every_run_and_a_summary(experiment):
     assert np.array(token[0]["eval_routing"]).shape == (2, 2, 8)
     text = format_summary(summary)
     assert "after synthetic-1" in text and "token (seeds 1,2)" in text and "NMI" in text
+    assert "capped at 12 steps; 0% of them finished" in text      # 200-step episodes
     assert json.loads((out / "summary.json").read_text())["dense"]["seeds"] == [1, 2]
 
 

@@ -84,7 +84,10 @@ def summarize(results: Mapping[str, dict]) -> dict:
              "average_final_score": float(np.mean(finals)),
              "sps": float(np.mean([m["sps"] for m in runs])),
              "seconds": float(np.mean([m["seconds"] for m in runs])),
-             "device": runs[0]["device"], "date": runs[0]["date"]}
+             "device": runs[0]["device"], "date": runs[0]["date"],
+             "eval": runs[0]["args"]["eval"],
+             "eval_finished_share": float(np.mean([m["eval_finished"] for m in runs])
+                                          / runs[0]["args"]["eval"]["episodes"])}
         known = [f for f in finals if not math.isnan(f)]
         if len(known) > 1:
             s["average_final_score_interval"] = bootstrap_interval(known)
@@ -117,6 +120,11 @@ def format_summary(summary: Mapping[str, dict]) -> str:
     for stage, game in enumerate(games):
         lines.append(row(f"after {game}", [summary[k]["retention"][stage] for k in kinds]))
     lines.append(row("forgetting", [summary[k]["forgetting"] for k in kinds]))
+    first = summary[kinds[0]]
+    lines.append(f"(evaluation: {first['eval']['episodes']} episodes per game from fixed seeds, "
+                 f"capped at {first['eval']['max_steps']} steps; "
+                 f"{first['eval_finished_share']:.0%} of them finished, the others score "
+                 "what they had at the cap)")
     lines.append("")
     for k in kinds:
         s = summary[k]

@@ -335,6 +335,7 @@ def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> 
                "params": run.agent.config.estimate_params(), "games": games,
                "initial": run.initial, "retention": run.retention,
                "sps": float(np.mean([h["charts/SPS"] for h in history])) if history else None}
+    metrics["eval_finished"] = [[e["finished"] for e in row] for row in run.evaluations]
     if len(run.retention) == len(games):
         metrics["forgetting"] = forgetting(run.retention).tolist()
         metrics["human_normalized"] = [[human_normalized(g, s) for g, s in zip(games, row)]
