@@ -110,6 +110,8 @@ def test_dense_baseline_trains_too(tmp_path):
     (["train", "--hbm_capacity", "99"], "hbm_cap"),
     (["train", "--num_envs", "6"], "divisible by num_minibatches"),
     (["train", "--steps_per_game", "10"], "less than one rollout"),
+    (["train", "--games", "synthetic-1,synthetic-1"], "name a game twice"),
+    (["experiment", "--games", "pong", "--runs", "dense,sparse"], "--runs must list"),
 ])
 def test_impossible_training_configurations_stop_before_any_work(args, message):
     result = run(*args)

@@ -74,6 +74,9 @@ class TrainArgs:
             self.games = tuple(g.strip() for g in self.games.split(",") if g.strip())
         if not self.games:
             raise ValueError("give at least one game, e.g. --games pong,breakout")
+        if len(set(self.games)) != len(self.games):
+            raise ValueError(f"games {list(self.games)} name a game twice: each game is one "
+                             "stage and one column of the retention matrix")
         if self.baseline not in ("moe", "dense"):
             raise ValueError(f"baseline must be 'moe' or 'dense', got {self.baseline!r}")
         if self.steps_per_game < self.ppo.batch_size:
