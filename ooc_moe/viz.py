@@ -1266,12 +1266,12 @@ def plot_retention(results: Mapping[str, dict]) -> Figure:
     names = list(results)
     matrices = [np.array([results[n]["initial"]] + results[n]["retention"]) for n in names]
     scaled = _column_scaled(matrices)
-    fig, axes = plt.subplots(1, len(names), figsize=(1.2 + 3.4 * len(names), 3.6),
+    fig, axes = plt.subplots(1, len(names), figsize=(1.6 + 3.4 * len(names), 3.9),
                              layout="constrained", squeeze=False)
     for ax, name, matrix, s in zip(axes[0], names, matrices, scaled):
         _plot_retention(ax, matrix, s, results[name]["games"], name)
-    fig.suptitle("retention: score on each game after each stage (colour: per game, "
-                 "lowest to highest over all panels)", fontsize=10)
+    fig.suptitle("retention: score on each game after each stage\n(colour: each game's "
+                 "lowest to highest score over all panels)", fontsize=9)
     return fig
 
 
@@ -1304,6 +1304,8 @@ def plot_hit_rate_over_time(metrics: dict) -> Figure:
     """Where a MoE run's expert accesses were served, per update, with game boundaries."""
     fig, ax = plt.subplots(figsize=(8, 3.4), layout="constrained")
     _plot_tier_history(ax, {"MoE": metrics["history"]})
+    ax.set_title("where the MoE run's expert accesses were served, per update (dotted: a new "
+                 "game)", fontsize=10)
     return fig
 
 
