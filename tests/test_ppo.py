@@ -59,13 +59,40 @@ class FixedEnv:
         self.n, self.t, self.rng = n, 0, np.random.default_rng(0)
 
     def reset(self, seed=None):
-        return self.rng.integers(0, 255, (self.n, 4, 84, 84), dtype=np.uint8), {}
+        return self.rng.integers(0, 255, (self.n, 4, 84, 84), dtype=np.uint8), self._info()
 
     def step(self, actions):
         self.t += 1
         done = np.full(self.n, self.t % 4 == 0)
         obs = self.rng.integers(0, 255, (self.n, 4, 84, 84), dtype=np.uint8)
-        return obs, self.rng.normal(size=self.n), done, np.zeros(self.n, bool), {}
+        return obs, self.rng.normal(size=self.n), done, np.zeros(self.n, bool), self._info()
+
+    def _info(self):
+        """Two lives per episode: the second is lost after step 2 of each episode."""
+        return {"lives": np.full(self.n, 2 if self.t % 4 < 2 else 1, np.int32)}
+
+
+@pytest.mark.parametrize("life_loss_terminal", [True, False])
+def test_a_lost_life_ends_the_episode_for_gae_only(life_loss_terminal):
+    """As CleanRL's EpisodicLifeEnv: ``dones`` marks the step after a lost life, the windows
+    (``starts``) and the reported returns run on to the end of the game."""
+    args = PPOArgs(num_envs=2, num_steps=8, num_minibatches=1,
+                   life_loss_terminal=life_loss_terminal)
+    agent = MoERLAgentConfig(**SMALL).create_agent("cpu")
+    trainer = PPOTrainer(agent, args)
+    env = FixedEnv(2)
+    state = trainer.start(env, 0)
+    finished = trainer.collect(env, state, 0)
+    b = trainer.buffer
+    # obs t is the one seen at step t: a game ends after steps 3 and 7, a life after step 1, 5
+    new_game = [1, 0, 0, 0, 1, 0, 0, 0]
+    lost_life = [0, 0, 1, 0, 0, 0, 1, 0]
+    assert b.starts[b.prefix:, 0].int().tolist() == new_game
+    expected = [max(g, l) for g, l in zip(new_game, lost_life)] if life_loss_terminal \
+        else new_game
+    assert b.dones[:, 0].int().tolist() == expected
+    assert [length for _, length in finished] == [4, 4, 4, 4]      # whole games of 4 steps
+    agent.store.shutdown()
 
 
 def test_the_first_minibatch_reproduces_the_rollout_policy(monkeypatch):

@@ -12,7 +12,9 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
   (their gradients live in the expert records), dense parameters by ``torch.optim.Adam``;
   gradient clipping covers the dense parameters only;
 - episodes autoreset in the same step (``SameStep``); truncated episodes are not bootstrapped
-  (as CleanRL); rewards are clipped to their sign for learning, returns reported raw.
+  (as CleanRL); rewards are clipped to their sign for learning, returns reported raw;
+- a lost life ends the episode *for GAE only* (``life_loss_terminal``, CleanRL's
+  ``EpisodicLifeEnv``): the game and the context window go on, returns are whole games.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class PPOArgs:
     vf_coef: float = 0.5         # value loss coefficient
     max_grad_norm: float = 0.5   # gradient clipping (dense parameters)
     target_kl: float | None = None  # stop the epochs early past this KL
+    life_loss_terminal: bool = True  # a lost life ends the episode for GAE (EpisodicLifeEnv)
     # filled in at runtime
     batch_size: int = field(init=False)
     envs_per_minibatch: int = field(init=False)
@@ -164,7 +167,7 @@ class PPOTrainer:
             obs = state["obs"]
             b.frames[b.prefix + step] = obs
             b.starts[b.prefix + step] = state["new_episode"]
-            b.dones[step] = state["new_episode"].float()
+            b.dones[step] = state["next_done"].float()
             games = torch.full((args.num_envs,), game, dtype=torch.long, device=self.device)
             b.games[step] = games
             action, logprob, value, routing = self.act(
@@ -173,8 +176,10 @@ class PPOTrainer:
             if routing:
                 self.router_entropies.append(router_entropy(routing[-1].router_logits))
             b.actions[step], b.logprobs[step], b.values[step] = action, logprob, value
-            next_obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
+            next_obs, reward, terminated, truncated, info = env.step(action.cpu().numpy())
             done = np.logical_or(terminated, truncated)
+            life_lost = (info["lives"] < state["lives"]) & ~done
+            state["lives"] = info["lives"]
             state["episode_return"] += reward
             state["episode_length"] += 1
             for i in np.flatnonzero(done):
@@ -186,6 +191,8 @@ class PPOTrainer:
                                               device=self.device)
             state["obs"] = torch.as_tensor(next_obs)
             state["new_episode"] = torch.as_tensor(done)
+            state["next_done"] = torch.as_tensor(
+                done | life_lost if args.life_loss_terminal else done)
             if self.detector_trainer is not None:
                 self.detector_trainer.add(obs, games.cpu())
         if self.detector_trainer is not None:
@@ -286,9 +293,10 @@ class PPOTrainer:
 
     def start(self, env, seed: int) -> dict:
         """Reset ``env`` and return the loop state."""
-        obs, _ = env.reset(seed=seed)
+        obs, info = env.reset(seed=seed)
         n = self.args.num_envs
         return {"obs": torch.as_tensor(obs), "new_episode": torch.ones(n, dtype=torch.bool),
+                "next_done": torch.ones(n, dtype=torch.bool), "lives": info["lives"],
                 "episode_return": np.zeros(n), "episode_length": np.zeros(n, dtype=np.int64)}
 
     def iteration(self, env, state: dict, game: int) -> dict:
@@ -296,7 +304,7 @@ class PPOTrainer:
         started = time.perf_counter()
         finished = self.collect(env, state, game)
         advantages, returns = self.advantages(state["next_value"],
-                                              state["new_episode"].float().to(self.device))
+                                              state["next_done"].float().to(self.device))
         logs = self.update(advantages, returns)
         logs["charts/SPS"] = self.args.batch_size / (time.perf_counter() - started)
         logs["charts/episodic_returns"] = [r for r, _ in finished]
