@@ -139,7 +139,7 @@ def _train(args: argparse.Namespace, atari: bool) -> None:
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    from .train import format_summary, run_experiment
+    from .train import format_summary, format_verdict, run_experiment
 
     try:
         kinds = [k.strip() for k in args.runs.split(",") if k.strip()]
@@ -156,6 +156,7 @@ def _experiment(args: argparse.Namespace) -> None:
     summary = run_experiment(base, kinds, seeds, base.out, command=_command())
     print()
     print(format_summary(summary))
+    print("\n" + format_verdict(summary))
     print(f"\nplots: {base.out}/<run>/retention.png, hit_rate.png, game_expert.png; "
           f"summary: {base.out}/summary.json")
 

@@ -18,9 +18,9 @@ matplotlib.use("Agg")
 from ooc_moe.scores import (HUMAN_SCORES, average_final_score, bootstrap_interval,  # noqa: E402
                             forgetting, human_normalized)
 from ooc_moe.train import (EvalArgs, PPOArgs, PPOTrainer, TrainArgs, args_from_json,  # noqa: E402
-                           build_agent, evaluate, find_checkpoint, format_summary,
-                           load_checkpoint, make_env, run_experiment, save_checkpoint,
-                           summarize, train)
+                           build_agent, evaluate, evaluation_errors, find_checkpoint,
+                           format_summary, format_verdict, load_checkpoint, make_env,
+                           run_experiment, save_checkpoint, summarize, train)
 from ooc_moe.train import run as run_module  # noqa: E402
 from ooc_moe.viz import (plot_forgetting, plot_game_expert_usage,  # noqa: E402
                          plot_game_over_stages, plot_retention, sequential_results_widget,
@@ -272,6 +272,31 @@ def test_experiment_writes_every_run_and_a_summary(experiment):
     assert "after synthetic-1" in text and "token (seeds 1,2)" in text and "NMI" in text
     assert "capped at 12 steps; 0% of them finished" in text      # 200-step episodes
     assert json.loads((out / "summary.json").read_text())["dense"]["seeds"] == [1, 2]
+
+
+def test_noise_of_rises_and_forgetting_comes_from_the_episode_returns():
+    """Two games, two episodes each; a seed's standard errors by hand, then over two seeds."""
+    returns = [[[0.0, 2.0], [1.0, 1.0]],      # untrained
+               [[4.0, 8.0], [1.0, 3.0]],      # after game a
+               [[0.0, 0.0], [5.0, 5.0]]]      # after game b
+    metrics = {"eval_returns": returns, "games": ["a", "b"], "args": {"seed": 1, "eval": {"episodes": 2}},
+               "initial": [1.0, 1.0], "retention": [[6.0, 2.0], [0.0, 5.0]],
+               "forgetting": [6.0, 0.0], "average_final_score": float("nan"), "sps": 1.0,
+               "seconds": 1.0, "device": "cpu", "date": "today", "eval_finished": [[2, 2]]}
+    se = evaluation_errors(metrics)           # std (ddof 1) / sqrt(2) = |x1 - x2| / 2
+    np.testing.assert_allclose(se, [[1.0, 0.0], [2.0, 1.0], [0.0, 0.0]])
+    one = summarize({"moe-seed1": metrics})["moe"]
+    assert one["rise"] == [5.0, 4.0]
+    np.testing.assert_allclose(one["rise_se"], [np.hypot(2.0, 1.0), np.hypot(0.0, 0.0)])
+    np.testing.assert_allclose(one["forgetting_se"], [2.0, 0.0])
+    seed2 = {**metrics, "args": {**metrics["args"], "seed": 2}}
+    two = summarize({"moe-seed1": metrics, "moe-seed2": seed2})
+    np.testing.assert_allclose(two["moe"]["rise_se"], np.array(one["rise_se"]) / np.sqrt(2))
+    verdict = format_verdict({"moe": one})
+    assert "learned beyond noise during its own stage: a, b" in verdict   # 5 > 4.47, 4 > 0
+    assert "forgotten beyond noise by the end: a" in verdict              # 6 > 2 * 2
+    quiet = format_verdict({"moe": {**one, "rise": [1.0, 0.0]}})
+    assert "own stage: no game" in quiet and "by the end: none" in quiet
 
 
 def test_experiment_reads_finished_runs_back_instead_of_retraining(experiment):

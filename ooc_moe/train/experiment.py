@@ -20,7 +20,8 @@ from ..scores import bootstrap_interval
 from .checkpoint import find_checkpoint
 from .run import TrainArgs, train
 
-__all__ = ["RUN_KINDS", "run_experiment", "summarize", "format_summary", "load_results"]
+__all__ = ["RUN_KINDS", "run_experiment", "summarize", "format_summary", "format_verdict",
+           "load_results", "evaluation_errors"]
 
 RUN_KINDS = {"token": {"baseline": "moe", "routing": "token"},
              "env": {"baseline": "moe", "routing": "env"},
@@ -64,10 +65,20 @@ def load_results(out: str | Path) -> dict[str, dict]:
             if json.loads(p.read_text()).get("finished")}
 
 
+def evaluation_errors(metrics: dict) -> np.ndarray:
+    """``[1 + N, N]``: the standard error of each evaluation's mean score (untrained row
+    first), from the spread of its episodes' returns; NaN with a single episode."""
+    returns = np.array(metrics["eval_returns"], dtype=np.float64)     # [1 + N, N, episodes]
+    if returns.shape[-1] < 2:
+        return np.full(returns.shape[:2], np.nan)
+    return returns.std(-1, ddof=1) / math.sqrt(returns.shape[-1])
+
+
 def summarize(results: Mapping[str, dict]) -> dict:
     """Per kind of run, over its seeds: mean retention matrix, forgetting (mean, min, max),
-    average final human-normalised score (mean and bootstrap interval), mean HBM hit rate,
-    game-expert NMI, SPS."""
+    each game's rise during its own stage, the evaluation noise of both (standard errors of
+    the seed mean), average final human-normalised score (mean and bootstrap interval), mean
+    HBM hit rate, game-expert NMI, SPS."""
     by_kind: dict[str, list[dict]] = {}
     for name, metrics in results.items():
         by_kind.setdefault(name.rsplit("-seed", 1)[0], []).append(metrics)
@@ -88,6 +99,13 @@ def summarize(results: Mapping[str, dict]) -> dict:
              "eval": runs[0]["args"]["eval"],
              "eval_finished_share": float(np.mean([m["eval_finished"] for m in runs])
                                           / runs[0]["args"]["eval"]["episodes"])}
+        n = len(s["games"])
+        s["rise"] = (np.diag(s["retention"]) - np.array(s["initial"])).tolist()
+        if all("eval_returns" in m for m in runs):
+            se = np.sqrt(np.mean([evaluation_errors(m) ** 2 for m in runs], 0) / len(runs))
+            own = se[1 + np.arange(n), np.arange(n)]
+            s["rise_se"] = np.hypot(own, se[0]).tolist()
+            s["forgetting_se"] = np.hypot(own, se[n]).tolist()
         known = [f for f in finals if not math.isnan(f)]
         if len(known) > 1:
             s["average_final_score_interval"] = bootstrap_interval(known)
@@ -105,7 +123,7 @@ def format_summary(summary: Mapping[str, dict]) -> str:
     kinds = list(summary)
     games = summary[kinds[0]]["games"]
     width = max(8, *(len(g) + 1 for g in games))
-    label = max(12, *(len(g) + 7 for g in games))
+    label = max(18, *(len(g) + 7 for g in games))
 
     def row(name: str, values_per_kind: list[list[float]]) -> str:
         cells = [" ".join(f"{v:>{width}.1f}" for v in values) for values in values_per_kind]
@@ -119,7 +137,12 @@ def format_summary(summary: Mapping[str, dict]) -> str:
              row("untrained", [summary[k]["initial"] for k in kinds])]
     for stage, game in enumerate(games):
         lines.append(row(f"after {game}", [summary[k]["retention"][stage] for k in kinds]))
-    lines.append(row("forgetting", [summary[k]["forgetting"] for k in kinds]))
+    noise = all("rise_se" in summary[k] for k in kinds)
+    for name, key in (("rise in own stage", "rise"), ("forgetting", "forgetting")):
+        lines.append(row(name, [summary[k][key] for k in kinds]))
+        if noise:
+            lines.append(row("  noise (2 s.e.)", [2 * np.array(summary[k][f"{key}_se"])
+                                                   for k in kinds]))
     first = summary[kinds[0]]
     lines.append(f"(evaluation: {first['eval']['episodes']} episodes per game from fixed seeds, "
                  f"capped at {first['eval']['max_steps']} steps; "
@@ -133,5 +156,26 @@ def format_summary(summary: Mapping[str, dict]) -> str:
         if "hit_rate" in s:
             text += (f"  HBM hit rate {s['hit_rate']:.1%}  game-expert NMI "
                      f"{s['mutual_information']:.3f}")
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def format_verdict(summary: Mapping[str, dict]) -> str:
+    """What the figures support, per kind of run: which games rose during their own stage
+    beyond evaluation noise (2 standard errors), which were then forgotten beyond it, and
+    how much the experts depend on the game. A difference inside the noise counts as none."""
+    lines = []
+    for kind, s in summary.items():
+        if "rise_se" not in s:
+            lines.append(f"{kind}: no per-episode returns recorded; no verdict")
+            continue
+        learned = [g for g, r, e in zip(s["games"], s["rise"], s["rise_se"]) if r > 2 * e]
+        forgot = [g for g, f, e in zip(s["games"][:-1], s["forgetting"], s["forgetting_se"])
+                  if g in learned and f > 2 * e]
+        text = (f"{kind}: learned beyond noise during its own stage: "
+                f"{', '.join(learned) or 'no game'}; of those, forgotten beyond noise by the "
+                f"end: {', '.join(forgot) or 'none'}")
+        if "mutual_information" in s:
+            text += f"; game-expert NMI {s['mutual_information']:.2f}"
         lines.append(text)
     return "\n".join(lines)

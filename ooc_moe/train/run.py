@@ -166,6 +166,7 @@ class _Run:
         self.game_index, self.iteration = 0, 0
         self.history: list[dict] = []
         self.initial: list[float] | None = None       # scores of the untrained agent
+        self.initial_returns: list[list[float]] = []  # its returns per game and episode
         self.retention: list[list[float]] = []        # one row per finished stage
         self.evaluations: list[list[dict]] = []       # the same, with returns and routing
         self.seconds = 0.0
@@ -178,6 +179,7 @@ class _Run:
         return {
             "args": _jsonable(self.args), "game_index": self.game_index,
             "iteration": self.iteration, "history": self.history, "initial": self.initial,
+            "initial_returns": self.initial_returns,
             "retention": self.retention, "evaluations": self.evaluations,
             "seconds": self.seconds, "agent": self.agent.state_dict(),
             "dense_opt": self.trainer.dense_opt.state_dict(),
@@ -193,6 +195,7 @@ class _Run:
     def _restore(self, saved: dict) -> None:
         self.game_index, self.iteration = saved["game_index"], saved["iteration"]
         self.history, self.initial = saved["history"], saved["initial"]
+        self.initial_returns = saved["initial_returns"]
         self.retention, self.evaluations = saved["retention"], saved["evaluations"]
         self.seconds = saved["seconds"]
         self.agent.load_state_dict(saved["agent"])
@@ -303,7 +306,9 @@ def train(args: TrainArgs, progress: bool = True, *, resume: bool = False,
 
     try:
         if run.initial is None:
-            run.initial = [e["score"] for e in run.evaluate_all()]
+            row = run.evaluate_all()
+            run.initial = [e["score"] for e in row]
+            run.initial_returns = [e["returns"] for e in row]
         while run.game_index < len(args.games):
             run.train_stage(progress, started, write)
             row = run.evaluate_all()
@@ -339,6 +344,9 @@ def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> 
                "initial": run.initial, "retention": run.retention,
                "sps": float(np.mean([h["charts/SPS"] for h in history])) if history else None}
     metrics["eval_finished"] = [[e["finished"] for e in row] for row in run.evaluations]
+    # [untrained + stages][game][episode]: the returns behind each score, for its noise
+    metrics["eval_returns"] = [run.initial_returns] + [[e["returns"] for e in row]
+                                                       for row in run.evaluations]
     if len(run.retention) == len(games):
         metrics["forgetting"] = forgetting(run.retention).tolist()
         metrics["human_normalized"] = [[human_normalized(g, s) for g, s in zip(games, row)]
