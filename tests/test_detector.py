@@ -1,7 +1,6 @@
 """Environment detector on real Atari frames, its training targets, and the prefetch planner."""
 
 import math
-import os
 import time
 
 import numpy as np
@@ -14,10 +13,6 @@ from ooc_moe.detector import (DetectorTrainer, EnvironmentDetector, PrefetchPlan
 from ooc_moe.envs import collect_frames
 
 FRAME = (1, 84, 84)
-SLOW = pytest.mark.skipif(os.environ.get("OOC_MOE_SLOW") != "1",
-                          reason="slow: set OOC_MOE_SLOW=1 to run")
-
-
 @pytest.fixture(scope="module")
 def frames():
     """Real frames of two games: 160 per game to train on, then 64 later ones held out."""
@@ -161,7 +156,7 @@ def test_online_training_from_a_ring_buffer(frames):
         DetectorTrainer(det).step()
 
 
-@SLOW
+@pytest.mark.slow
 @pytest.mark.slow
 def test_four_games_reach_99_percent_within_two_minutes():
     games = ["pong", "breakout", "boxing", "freeway"]
