@@ -266,10 +266,15 @@ def test_experiment_writes_every_run_and_a_summary(experiment):
         np.min([m["forgetting"] for m in token], 0).tolist())
     assert summary["token"]["seeds"] == [1, 2]
     assert 0 <= summary["token"]["hit_rate"] <= 1 and "hit_rate" not in summary["dense"]
+    assert summary["token"]["prefetch_precision"] == pytest.approx(
+        np.mean([m["planner"]["precision"] for m in token]))
+    assert summary["token"]["bytes_moved"]["file_to_dram"] == pytest.approx(
+        np.mean([m["bytes_moved"]["file_to_dram"] for m in token]))
     assert len(token[0]["eval_routing"]) == 2                # [layer][game][expert]
     assert np.array(token[0]["eval_routing"]).shape == (2, 2, 8)
     text = format_summary(summary)
     assert "after synthetic-1" in text and "token (seeds 1,2)" in text and "NMI" in text
+    assert "prefetch precision" in text and "rise in own stage" in text
     assert "capped at 12 steps; 0% of them finished" in text      # 200-step episodes
     assert json.loads((out / "summary.json").read_text())["dense"]["seeds"] == [1, 2]
 

@@ -113,13 +113,21 @@ def summarize(results: Mapping[str, dict]) -> dict:
             s["hit_rate"] = float(np.mean([np.mean(m["hit_rate"]) for m in runs]))
             s["mutual_information"] = float(np.mean([np.mean(m["mutual_information"])
                                                      for m in runs]))
+            for key in ("dram_hit_rate", "router_entropy"):
+                s[key] = float(np.mean([np.mean(m[key]) for m in runs]))
+            if all("planner" in m for m in runs):      # the detector's plans, whole run
+                for key in ("precision", "coverage"):
+                    s[f"prefetch_{key}"] = float(np.mean([m["planner"][key] for m in runs]))
+            s["bytes_moved"] = {link: float(np.mean([m["bytes_moved"][link] for m in runs]))
+                                for link in runs[0]["bytes_moved"]}
         summary[kind] = s
     return summary
 
 
 def format_summary(summary: Mapping[str, dict]) -> str:
-    """Retention tables side by side (rows: after which stage; columns: games), then the
-    forgetting and store figures of each kind of run."""
+    """Retention tables side by side (rows: after which stage; columns: games), each game's
+    own-stage rise and forgetting with their noise, then the scores, speed and store figures
+    of each kind of run."""
     kinds = list(summary)
     games = summary[kinds[0]]["games"]
     width = max(8, *(len(g) + 1 for g in games))
@@ -153,10 +161,16 @@ def format_summary(summary: Mapping[str, dict]) -> str:
         s = summary[k]
         text = (f"{k:<6} average final human-normalised score {s['average_final_score']:6.1f}"
                 f"  SPS {s['sps']:5.0f}  {s['seconds'] / 60:5.1f} min/run")
-        if "hit_rate" in s:
-            text += (f"  HBM hit rate {s['hit_rate']:.1%}  game-expert NMI "
-                     f"{s['mutual_information']:.3f}")
         lines.append(text)
+        if "hit_rate" in s:
+            text = (f"{'':<6} HBM hit rate {s['hit_rate']:.1%}, DRAM {s['dram_hit_rate']:.1%}"
+                    f"  game-expert NMI {s['mutual_information']:.3f}  router entropy "
+                    f"{s['router_entropy']:.2f} (1: uniform)")
+            if "prefetch_precision" in s:
+                text += (f"  prefetch precision {s['prefetch_precision']:.0%} coverage "
+                         f"{s['prefetch_coverage']:.0%}")
+            moved = sum(s["bytes_moved"].values()) / 1e9
+            lines.append(text + f"  {moved:.1f} GB moved/run")
     return "\n".join(lines)
 
 
