@@ -275,6 +275,7 @@ def test_experiment_writes_every_run_and_a_summary(experiment):
     text = format_summary(summary)
     assert "after synthetic-1" in text and "token (seeds 1,2)" in text and "NMI" in text
     assert "prefetch precision" in text and "rise in own stage" in text
+    assert "bootstrap over seeds" not in text          # nan scores: synthetic games
     assert "capped at 12 steps; 0% of them finished" in text      # 200-step episodes
     assert json.loads((out / "summary.json").read_text())["dense"]["seeds"] == [1, 2]
 

@@ -159,8 +159,11 @@ def format_summary(summary: Mapping[str, dict]) -> str:
     lines.append("")
     for k in kinds:
         s = summary[k]
-        text = (f"{k:<6} average final human-normalised score {s['average_final_score']:6.1f}"
-                f"  SPS {s['sps']:5.0f}  {s['seconds'] / 60:5.1f} min/run")
+        text = f"{k:<6} average final human-normalised score {s['average_final_score']:6.1f}"
+        if "average_final_score_interval" in s:
+            low, high = s["average_final_score_interval"]
+            text += f" (95% bootstrap over seeds {low:.1f} to {high:.1f})"
+        text += f"  SPS {s['sps']:5.0f}  {s['seconds'] / 60:5.1f} min/run"
         lines.append(text)
         if "hit_rate" in s:
             text = (f"{'':<6} HBM hit rate {s['hit_rate']:.1%}, DRAM {s['dram_hit_rate']:.1%}"
