@@ -1,0 +1,59 @@
+"""The committed results under results/: complete, consistent with their own runs, and small.
+
+Notebook 05 and the README show these files; a summary edited by hand, a run without its
+command, or a missing plot would show figures nobody can reproduce.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ooc_moe.scores import forgetting
+from ooc_moe.train import format_summary, load_results, summarize
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+EXPERIMENTS = sorted(p.parent for p in RESULTS.glob("*/summary.json"))
+
+
+def test_there_are_committed_results_for_notebook_05():
+    assert EXPERIMENTS, f"no results/*/summary.json: run `python -m ooc_moe demo --out " \
+                        f"results/<name>` (or `experiment`) and commit its JSON and PNG files"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.name)
+def test_summary_is_what_its_runs_give(experiment):
+    committed = json.loads((experiment / "summary.json").read_text())
+    recomputed = json.loads(json.dumps(summarize(load_results(experiment)), default=float))
+    assert committed == recomputed
+    assert "retention" in format_summary(committed)
+
+
+@pytest.mark.parametrize("run", [m.parent for e in EXPERIMENTS
+                                 for m in sorted(e.glob("*/metrics.json"))],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_each_run_says_how_it_was_made_and_has_its_plots(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["finished"]
+    assert metrics["command"].startswith("python -m ooc_moe ")
+    assert metrics["device"] and metrics["date"]
+    n = len(metrics["games"])
+    assert np.array(metrics["retention"]).shape == (n, n) and len(metrics["initial"]) == n
+    assert metrics["forgetting"] == pytest.approx(forgetting(metrics["retention"]).tolist())
+    for name in metrics["plots"]:
+        assert (run / name).stat().st_size > 0, name
+    csv = (run / "retention.csv").read_text().splitlines()
+    assert csv[0] == "after," + ",".join(metrics["games"]) and len(csv) == n + 2
+
+
+def test_results_commit_no_weights():
+    """Checkpoints and expert files stay on disk (.gitignore), out of the repository."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "results"], cwd=RESULTS.parent, check=True,
+                                capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    big = [name for name in listed if (RESULTS.parent / name).stat().st_size > 2_000_000]
+    assert not big, f"keep checkpoints and expert files out of results/: {big}"
