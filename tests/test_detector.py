@@ -13,6 +13,8 @@ from ooc_moe.detector import (DetectorTrainer, EnvironmentDetector, PrefetchPlan
 from ooc_moe.envs import collect_frames
 
 FRAME = (1, 84, 84)
+
+
 @pytest.fixture(scope="module")
 def frames():
     """Real frames of two games: 160 per game to train on, then 64 later ones held out."""
@@ -156,7 +158,6 @@ def test_online_training_from_a_ring_buffer(frames):
         DetectorTrainer(det).step()
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_four_games_reach_99_percent_within_two_minutes():
     games = ["pong", "breakout", "boxing", "freeway"]

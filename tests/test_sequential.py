@@ -18,9 +18,10 @@ matplotlib.use("Agg")
 from ooc_moe.scores import (HUMAN_SCORES, average_final_score, bootstrap_interval,  # noqa: E402
                             forgetting, human_normalized)
 from ooc_moe.train import (EvalArgs, PPOArgs, PPOTrainer, TrainArgs, args_from_json,  # noqa: E402
-                           build_agent, evaluate, evaluation_errors, find_checkpoint,
-                           format_summary, format_verdict, load_checkpoint, make_env,
-                           run_experiment, save_checkpoint, summarize, train)
+                           build_agent, evaluate, find_checkpoint, format_summary,
+                           format_verdict, half_width_95, load_checkpoint, make_env,
+                           paired_changes, run_experiment, save_checkpoint, summarize,
+                           train)
 from ooc_moe.train import run as run_module  # noqa: E402
 from ooc_moe.viz import (plot_forgetting, plot_game_expert_usage,  # noqa: E402
                          plot_game_over_stages, plot_retention, sequential_results_widget,
@@ -280,29 +281,42 @@ def test_experiment_writes_every_run_and_a_summary(experiment):
     assert json.loads((out / "summary.json").read_text())["dense"]["seeds"] == [1, 2]
 
 
-def test_noise_of_rises_and_forgetting_comes_from_the_episode_returns():
-    """Two games, two episodes each; a seed's standard errors by hand, then over two seeds."""
-    returns = [[[0.0, 2.0], [1.0, 1.0]],      # untrained
-               [[4.0, 8.0], [1.0, 3.0]],      # after game a
-               [[0.0, 0.0], [5.0, 5.0]]]      # after game b
-    metrics = {"eval_returns": returns, "games": ["a", "b"], "args": {"seed": 1, "eval": {"episodes": 2}},
+def test_noise_of_rises_and_forgetting_is_a_t_interval_over_episodes_or_seeds():
+    """Two games, three episodes; with one seed the noise pairs each episode with itself in
+    the other evaluations, with several seeds it is the spread over seeds."""
+    returns = [[[0.0, 2.0, 1.0], [1.0, 1.0, 1.0]],      # untrained
+               [[4.0, 8.0, 6.0], [1.0, 3.0, 2.0]],      # after game a
+               [[0.0, 0.0, 0.0], [5.0, 5.0, 5.0]]]      # after game b
+    metrics = {"eval_returns": returns, "games": ["a", "b"],
+               "args": {"seed": 1, "eval": {"episodes": 3}},
                "initial": [1.0, 1.0], "retention": [[6.0, 2.0], [0.0, 5.0]],
                "forgetting": [6.0, 0.0], "average_final_score": float("nan"), "sps": 1.0,
-               "seconds": 1.0, "device": "cpu", "date": "today", "eval_finished": [[2, 2]]}
-    se = evaluation_errors(metrics)           # std (ddof 1) / sqrt(2) = |x1 - x2| / 2
-    np.testing.assert_allclose(se, [[1.0, 0.0], [2.0, 1.0], [0.0, 0.0]])
+               "seconds": 1.0, "device": "cpu", "date": "today", "eval_finished": [[3, 3]]}
+    rise, forgot = paired_changes(metrics)
+    assert rise.tolist() == [[4.0, 6.0, 5.0], [4.0, 4.0, 4.0]]
+    assert forgot.tolist() == [[4.0, 8.0, 6.0], [0.0, 0.0, 0.0]]
+    assert half_width_95(np.array([4.0, 6.0, 5.0])) == pytest.approx(4.30 / np.sqrt(3))
+    assert np.isnan(half_width_95(np.array([1.0])))
     one = summarize({"moe-seed1": metrics})["moe"]
     assert one["rise"] == [5.0, 4.0]
-    np.testing.assert_allclose(one["rise_se"], [np.hypot(2.0, 1.0), np.hypot(0.0, 0.0)])
-    np.testing.assert_allclose(one["forgetting_se"], [2.0, 0.0])
-    seed2 = {**metrics, "args": {**metrics["args"], "seed": 2}}
-    two = summarize({"moe-seed1": metrics, "moe-seed2": seed2})
-    np.testing.assert_allclose(two["moe"]["rise_se"], np.array(one["rise_se"]) / np.sqrt(2))
+    np.testing.assert_allclose(one["rise_noise"], [4.30 / np.sqrt(3), 0.0])
+    np.testing.assert_allclose(one["forgetting_noise"], [4.30 * 2 / np.sqrt(3), 0.0])
     verdict = format_verdict({"moe": one})
-    assert "learned beyond noise during its own stage: a, b" in verdict   # 5 > 4.47, 4 > 0
-    assert "forgotten beyond noise by the end: a" in verdict              # 6 > 2 * 2
+    assert "learned beyond noise during its own stage: a, b" in verdict   # 5 > 2.48, 4 > 0
+    assert "forgotten beyond noise by the end: a" in verdict              # 6 > 4.97
+    seed2 = {**metrics, "args": {**metrics["args"], "seed": 2},
+             "initial": [3.0, 1.0], "forgetting": [2.0, 0.0]}             # rises 3 and 4
+    two = summarize({"moe-seed1": metrics, "moe-seed2": seed2})["moe"]
+    assert two["rise"] == [4.0, 4.0]
+    np.testing.assert_allclose(two["rise_noise"], [12.71 * np.std([5, 3], ddof=1) / np.sqrt(2),
+                                                   0.0])
+    np.testing.assert_allclose(two["forgetting_noise"], [12.71 * np.std([6, 2], ddof=1) / np.sqrt(2),
+                                                         0.0])
+    assert "learned beyond noise during its own stage: b;" in format_verdict({"moe": two})
     quiet = format_verdict({"moe": {**one, "rise": [1.0, 0.0]}})
     assert "own stage: no game" in quiet and "by the end: none" in quiet
+    blind = {**metrics, "eval_returns": [[[r[0]] for r in row] for row in returns]}
+    assert "no verdict" in format_verdict(summarize({"moe-seed1": blind}))
 
 
 def test_experiment_reads_finished_runs_back_instead_of_retraining(experiment):

@@ -21,7 +21,7 @@ from .checkpoint import find_checkpoint
 from .run import TrainArgs, train
 
 __all__ = ["RUN_KINDS", "run_experiment", "summarize", "format_summary", "format_verdict",
-           "load_results", "evaluation_errors"]
+           "load_results", "paired_changes", "half_width_95"]
 
 RUN_KINDS = {"token": {"baseline": "moe", "routing": "token"},
              "env": {"baseline": "moe", "routing": "env"},
@@ -65,20 +65,35 @@ def load_results(out: str | Path) -> dict[str, dict]:
             if json.loads(p.read_text()).get("finished")}
 
 
-def evaluation_errors(metrics: dict) -> np.ndarray:
-    """``[1 + N, N]``: the standard error of each evaluation's mean score (untrained row
-    first), from the spread of its episodes' returns; NaN with a single episode."""
+# two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond the table)
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26,
+         10: 2.23, 15: 2.13, 20: 2.09, 30: 2.04}
+
+
+def half_width_95(samples: np.ndarray) -> np.ndarray:
+    """95% half-width of the mean over the last axis (a t interval); NaN with one sample."""
+    k = samples.shape[-1]
+    if k < 2:
+        return np.full(samples.shape[:-1], np.nan)
+    t = T_975[max(d for d in T_975 if d <= k - 1)] if k - 1 <= 30 else 1.96
+    return t * samples.std(-1, ddof=1) / math.sqrt(k)
+
+
+def paired_changes(metrics: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Episode by episode (every evaluation replays the same seeded starts), each game's rise
+    during its own stage and its forgetting by the end: two ``[N, episodes]`` arrays whose
+    means are the run's rise and forgetting."""
     returns = np.array(metrics["eval_returns"], dtype=np.float64)     # [1 + N, N, episodes]
-    if returns.shape[-1] < 2:
-        return np.full(returns.shape[:2], np.nan)
-    return returns.std(-1, ddof=1) / math.sqrt(returns.shape[-1])
+    n = returns.shape[1]
+    own = returns[1 + np.arange(n), np.arange(n)]                       # [N, episodes]
+    return own - returns[0], own - returns[n]
 
 
 def summarize(results: Mapping[str, dict]) -> dict:
     """Per kind of run, over its seeds: mean retention matrix, forgetting (mean, min, max),
-    each game's rise during its own stage, the evaluation noise of both (standard errors of
-    the seed mean), average final human-normalised score (mean and bootstrap interval), mean
-    HBM hit rate, game-expert NMI, SPS."""
+    each game's rise during its own stage, the noise of both (95% half-widths: over seeds
+    when there are several, else over the evaluation's paired episodes), average final
+    human-normalised score (mean, min, max, bootstrap interval), store figures, SPS."""
     by_kind: dict[str, list[dict]] = {}
     for name, metrics in results.items():
         by_kind.setdefault(name.rsplit("-seed", 1)[0], []).append(metrics)
@@ -93,19 +108,23 @@ def summarize(results: Mapping[str, dict]) -> dict:
              "forgetting_min": forgetting.min(0).tolist(),
              "forgetting_max": forgetting.max(0).tolist(),
              "average_final_score": float(np.mean(finals)),
+             "average_final_score_min": float(np.min(finals)),
+             "average_final_score_max": float(np.max(finals)),
              "sps": float(np.mean([m["sps"] for m in runs])),
              "seconds": float(np.mean([m["seconds"] for m in runs])),
              "device": runs[0]["device"], "date": runs[0]["date"],
              "eval": runs[0]["args"]["eval"],
              "eval_finished_share": float(np.mean([m["eval_finished"] for m in runs])
                                           / runs[0]["args"]["eval"]["episodes"])}
-        n = len(s["games"])
-        s["rise"] = (np.diag(s["retention"]) - np.array(s["initial"])).tolist()
-        if all("eval_returns" in m for m in runs):
-            se = np.sqrt(np.mean([evaluation_errors(m) ** 2 for m in runs], 0) / len(runs))
-            own = se[1 + np.arange(n), np.arange(n)]
-            s["rise_se"] = np.hypot(own, se[0]).tolist()
-            s["forgetting_se"] = np.hypot(own, se[n]).tolist()
+        rises = np.array([np.diag(m["retention"]) - np.array(m["initial"]) for m in runs])
+        s["rise"] = rises.mean(0).tolist()
+        if len(runs) > 1:            # over seeds: training and evaluation noise together
+            s["rise_noise"] = half_width_95(rises.T).tolist()
+            s["forgetting_noise"] = half_width_95(forgetting.T).tolist()
+        elif "eval_returns" in runs[0]:                # one seed: the evaluation's noise
+            rise, forgot = paired_changes(runs[0])
+            s["rise_noise"] = half_width_95(rise).tolist()
+            s["forgetting_noise"] = half_width_95(forgot).tolist()
         known = [f for f in finals if not math.isnan(f)]
         if len(known) > 1:
             s["average_final_score_interval"] = bootstrap_interval(known)
@@ -145,12 +164,11 @@ def format_summary(summary: Mapping[str, dict]) -> str:
              row("untrained", [summary[k]["initial"] for k in kinds])]
     for stage, game in enumerate(games):
         lines.append(row(f"after {game}", [summary[k]["retention"][stage] for k in kinds]))
-    noise = all("rise_se" in summary[k] for k in kinds)
+    noise = all("rise_noise" in summary[k] for k in kinds)
     for name, key in (("rise in own stage", "rise"), ("forgetting", "forgetting")):
         lines.append(row(name, [summary[k][key] for k in kinds]))
         if noise:
-            lines.append(row("  noise (2 s.e.)", [2 * np.array(summary[k][f"{key}_se"])
-                                                   for k in kinds]))
+            lines.append(row("  noise (95%)", [summary[k][f"{key}_noise"] for k in kinds]))
     first = summary[kinds[0]]
     lines.append(f"(evaluation: {first['eval']['episodes']} episodes per game from fixed seeds, "
                  f"capped at {first['eval']['max_steps']} steps; "
@@ -160,9 +178,9 @@ def format_summary(summary: Mapping[str, dict]) -> str:
     for k in kinds:
         s = summary[k]
         text = f"{k:<6} average final human-normalised score {s['average_final_score']:6.1f}"
-        if "average_final_score_interval" in s:
-            low, high = s["average_final_score_interval"]
-            text += f" (95% bootstrap over seeds {low:.1f} to {high:.1f})"
+        if len(s["seeds"]) > 1:
+            text += (f" (seeds: {s['average_final_score_min']:.1f} to "
+                     f"{s['average_final_score_max']:.1f})")
         text += f"  SPS {s['sps']:5.0f}  {s['seconds'] / 60:5.1f} min/run"
         lines.append(text)
         if "hit_rate" in s:
@@ -179,16 +197,18 @@ def format_summary(summary: Mapping[str, dict]) -> str:
 
 def format_verdict(summary: Mapping[str, dict]) -> str:
     """What the figures support, per kind of run: which games rose during their own stage
-    beyond evaluation noise (2 standard errors), which were then forgotten beyond it, and
-    how much the experts depend on the game. A difference inside the noise counts as none."""
+    beyond the noise (the 95% half-width: over seeds, or with one seed over the evaluation's
+    paired episodes), which were then forgotten beyond it, and how much the experts depend
+    on the game. A difference inside the noise counts as none."""
     lines = []
     for kind, s in summary.items():
-        if "rise_se" not in s:
-            lines.append(f"{kind}: no per-episode returns recorded; no verdict")
+        if np.isnan(s.get("rise_noise", [np.nan])).any():
+            lines.append(f"{kind}: no noise estimate (one seed and one episode, or no "
+                         "per-episode returns); no verdict")
             continue
-        learned = [g for g, r, e in zip(s["games"], s["rise"], s["rise_se"]) if r > 2 * e]
-        forgot = [g for g, f, e in zip(s["games"][:-1], s["forgetting"], s["forgetting_se"])
-                  if g in learned and f > 2 * e]
+        learned = [g for g, r, e in zip(s["games"], s["rise"], s["rise_noise"]) if r > e]
+        forgot = [g for g, f, e in zip(s["games"][:-1], s["forgetting"], s["forgetting_noise"])
+                  if g in learned and f > e]
         text = (f"{kind}: learned beyond noise during its own stage: "
                 f"{', '.join(learned) or 'no game'}; of those, forgotten beyond noise by the "
                 f"end: {', '.join(forgot) or 'none'}")

@@ -195,7 +195,7 @@ class _Run:
     def _restore(self, saved: dict) -> None:
         self.game_index, self.iteration = saved["game_index"], saved["iteration"]
         self.history, self.initial = saved["history"], saved["initial"]
-        self.initial_returns = saved["initial_returns"]
+        self.initial_returns = saved.get("initial_returns", [])   # older checkpoints: none
         self.retention, self.evaluations = saved["retention"], saved["evaluations"]
         self.seconds = saved["seconds"]
         self.agent.load_state_dict(saved["agent"])
@@ -344,9 +344,9 @@ def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> 
                "initial": run.initial, "retention": run.retention,
                "sps": float(np.mean([h["charts/SPS"] for h in history])) if history else None}
     metrics["eval_finished"] = [[e["finished"] for e in row] for row in run.evaluations]
-    # [untrained + stages][game][episode]: the returns behind each score, for its noise
-    metrics["eval_returns"] = [run.initial_returns] + [[e["returns"] for e in row]
-                                                       for row in run.evaluations]
+    if run.initial_returns:     # [untrained + stages][game][episode]: behind each score
+        metrics["eval_returns"] = [run.initial_returns] + [[e["returns"] for e in row]
+                                                           for row in run.evaluations]
     if len(run.retention) == len(games):
         metrics["forgetting"] = forgetting(run.retention).tolist()
         metrics["human_normalized"] = [[human_normalized(g, s) for g, s in zip(games, row)]
