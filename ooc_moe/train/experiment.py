@@ -60,9 +60,9 @@ def _finished(run_dir: Path) -> bool:
 
 def load_results(out: str | Path) -> dict[str, dict]:
     """Every finished run's ``metrics.json`` under ``out``, by run name."""
-    return {p.parent.name: json.loads(p.read_text())
-            for p in sorted(Path(out).glob("*/metrics.json"))
-            if json.loads(p.read_text()).get("finished")}
+    runs = {p.parent.name: json.loads(p.read_text())
+            for p in sorted(Path(out).glob("*/metrics.json"))}
+    return {name: metrics for name, metrics in runs.items() if metrics.get("finished")}
 
 
 # two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond the table)
