@@ -74,7 +74,7 @@ class ExpertFile:
     # -- creating and opening -------------------------------------------------------------
     @classmethod
     def create(cls, directory: str | os.PathLike, meta: FileMeta, *,
-               overwrite: bool = False) -> "ExpertFile":
+               overwrite: bool = False, backend: str = "pread") -> "ExpertFile":
         """Create an empty (zero-filled) file of ``meta.num_experts`` records."""
         directory = Path(directory)
         try:
@@ -100,7 +100,7 @@ class ExpertFile:
         return cls(directory, meta, fd)
 
     @classmethod
-    def open(cls, directory: str | os.PathLike) -> "ExpertFile":
+    def open(cls, directory: str | os.PathLike, *, backend: str = "pread") -> "ExpertFile":
         """Open an existing expert file after checking it against its metadata."""
         directory = Path(directory)
         meta_path, data = directory / META_NAME, directory / DATA_NAME

@@ -66,13 +66,17 @@ class TieredExpertStore:
         optimizer_state: records also carry a gradient accumulator and Adam moments, so
             that ``ExpertOptimizer`` can train them (the record is 4x larger).
         overwrite: replace an expert file already in ``path`` (otherwise an error).
+        file_backend: how the file tier does its I/O: ``"pread"`` (positioned system calls
+            through the page cache), ``"memmap"`` (a memory map of the file) or ``"direct"``
+            (``O_DIRECT``, bypassing the page cache); the file format is the same for all.
     """
 
     def __init__(self, num_experts: int, expert_dim: int, hidden_dim: int,
                  hbm_capacity: int = 32, dram_capacity: int = 128,
                  device: str | torch.device | None = None, *, path: str | os.PathLike | None = None,
                  dtype: torch.dtype = torch.float32, seed: int = 0,
-                 optimizer_state: bool = False, overwrite: bool = False) -> None:
+                 optimizer_state: bool = False, overwrite: bool = False,
+                 file_backend: str = "pread") -> None:
         for name, value in (("num_experts", num_experts), ("expert_dim", expert_dim),
                             ("hidden_dim", hidden_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -86,7 +90,8 @@ class TieredExpertStore:
         meta = FileMeta(num_experts, expert_dim, hidden_dim, dtype_name(dtype), layout.numel,
                         optimizer_state)
         tmpdir = tempfile.TemporaryDirectory(prefix="ooc-moe-") if path is None else None
-        file = ExpertFile.create(tmpdir.name if tmpdir else path, meta, overwrite=overwrite)
+        file = ExpertFile.create(tmpdir.name if tmpdir else path, meta, overwrite=overwrite,
+                                 backend=file_backend)
         _write_initial_records(file, layout, dtype, seed)
         self._setup(file, hbm_capacity, dram_capacity, device, tmpdir)
 
@@ -95,11 +100,11 @@ class TieredExpertStore:
              hbm_capacity: int | None = None, dram_capacity: int | None = None,
              num_experts: int | None = None, expert_dim: int | None = None,
              hidden_dim: int | None = None, dtype: torch.dtype | None = None,
-             ) -> "TieredExpertStore":
+             file_backend: str = "pread") -> "TieredExpertStore":
         """Reopen the store saved in ``path``. Capacities default to the constructor's
         (32, 128), capped at the file's expert count. Shape/dtype arguments, when given, must
         match the file (a mismatch raises ValueError naming both)."""
-        file = ExpertFile.open(path)
+        file = ExpertFile.open(path, backend=file_backend)
         meta = file.meta
         hbm_capacity = hbm_capacity or min(32, meta.num_experts)
         dram_capacity = dram_capacity or min(128, meta.num_experts)
