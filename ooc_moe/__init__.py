@@ -2,9 +2,10 @@
 
 from .moe import (DenseFFN, DenseTransformerBlock, ExpertOptimizer, ExpertRouter,
                   MoETransformerBlock, RouterOutput, TieredMoELayer)
-from .store import Expert, RecordLayout, StoreStats, TieredExpertStore, TransferError
+from .store import (DiskFullError, Expert, RecordLayout, StoreStats, TieredExpertStore,
+                    TransferError)
 
 __version__ = "0.1.0"
-__all__ = ["DenseFFN", "DenseTransformerBlock", "Expert", "ExpertOptimizer", "ExpertRouter",
-           "MoETransformerBlock", "RecordLayout", "RouterOutput", "StoreStats",
+__all__ = ["DenseFFN", "DenseTransformerBlock", "DiskFullError", "Expert", "ExpertOptimizer",
+           "ExpertRouter", "MoETransformerBlock", "RecordLayout", "RouterOutput", "StoreStats",
            "TieredExpertStore", "TieredMoELayer", "TransferError"]

@@ -2,6 +2,7 @@
 
 from .layout import Expert, RecordLayout
 from .stats import StoreStats
-from .tiered_store import TieredExpertStore, TransferError
+from .tiered_store import DiskFullError, TieredExpertStore, TransferError
 
-__all__ = ["Expert", "RecordLayout", "StoreStats", "TieredExpertStore", "TransferError"]
+__all__ = ["DiskFullError", "Expert", "RecordLayout", "StoreStats", "TieredExpertStore",
+           "TransferError"]

@@ -15,10 +15,14 @@ decided at call time under one lock, so the counters are a deterministic functio
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 import threading
 import time
+import warnings
+import weakref
 from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,13 +34,18 @@ from .file_tier import ExpertFile, FileMeta, dtype_name
 from .layout import Expert, RecordLayout
 from .residency import TierMap
 from .stats import StoreStats
-from .transfer import Move, TransferEngine, make_copies
+from .transfer import Move, TransferEngine, flush_moves, make_copies
 
-__all__ = ["TieredExpertStore", "TransferError"]
+__all__ = ["TieredExpertStore", "TransferError", "DiskFullError"]
 
 
 class TransferError(RuntimeError):
     """A background transfer failed. No record was lost; the store has recovered."""
+
+
+class DiskFullError(OSError):
+    """The file system of the expert file ran out of space while records were written back.
+    No record was lost: the dirty copies stay in DRAM or HBM, and a retry writes them."""
 
 
 def _check_capacities(num_experts: int, hbm_capacity: int, dram_capacity: int) -> None:
@@ -69,6 +78,12 @@ class TieredExpertStore:
         file_backend: how the file tier does its I/O: ``"pread"`` (positioned system calls
             through the page cache), ``"memmap"`` (a memory map of the file) or ``"direct"``
             (``O_DIRECT``, bypassing the page cache); the file format is the same for all.
+        stream: CUDA only: the compute stream whose kernels use the experts (default: the
+            stream current when the store is built). Copies are ordered against it, whichever
+            thread calls the store.
+
+    A store that is never shut down is closed when it is garbage-collected (or at exit): its
+    dirty records are written to the file, its worker stops and its pools are freed.
     """
 
     def __init__(self, num_experts: int, expert_dim: int, hidden_dim: int,
@@ -76,7 +91,8 @@ class TieredExpertStore:
                  device: str | torch.device | None = None, *, path: str | os.PathLike | None = None,
                  dtype: torch.dtype = torch.float32, seed: int = 0,
                  optimizer_state: bool = False, overwrite: bool = False,
-                 file_backend: str = "pread") -> None:
+                 file_backend: str = "pread", stream: "torch.cuda.Stream | None" = None
+                 ) -> None:
         for name, value in (("num_experts", num_experts), ("expert_dim", expert_dim),
                             ("hidden_dim", hidden_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -93,14 +109,15 @@ class TieredExpertStore:
         file = ExpertFile.create(tmpdir.name if tmpdir else path, meta, overwrite=overwrite,
                                  backend=file_backend)
         _write_initial_records(file, layout, dtype, seed)
-        self._setup(file, hbm_capacity, dram_capacity, device, tmpdir)
+        self._setup(file, hbm_capacity, dram_capacity, device, tmpdir, stream)
 
     @classmethod
     def open(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
              hbm_capacity: int | None = None, dram_capacity: int | None = None,
              num_experts: int | None = None, expert_dim: int | None = None,
              hidden_dim: int | None = None, dtype: torch.dtype | None = None,
-             file_backend: str = "pread") -> "TieredExpertStore":
+             file_backend: str = "pread", stream: "torch.cuda.Stream | None" = None,
+             ) -> "TieredExpertStore":
         """Reopen the store saved in ``path``. Capacities default to the constructor's
         (32, 128), capped at the file's expert count. Shape/dtype arguments, when given, must
         match the file (a mismatch raises ValueError naming both)."""
@@ -126,11 +143,15 @@ class TieredExpertStore:
             file.close()
             raise
         store = cls.__new__(cls)
-        store._setup(file, hbm_capacity, dram_capacity, device, None)
+        try:
+            store._setup(file, hbm_capacity, dram_capacity, device, None, stream)
+        except BaseException:
+            file.close()
+            raise
         return store
 
     def _setup(self, file: ExpertFile, hbm_capacity: int, dram_capacity: int,
-               device, tmpdir) -> None:
+               device, tmpdir, stream) -> None:
         meta = file.meta
         self.num_experts, self.expert_dim, self.hidden_dim = (
             meta.num_experts, meta.expert_dim, meta.hidden_dim)
@@ -143,21 +164,24 @@ class TieredExpertStore:
         self.path = file.directory
         self.layout = RecordLayout(meta.expert_dim, meta.hidden_dim, meta.optimizer_state)
         self.record_bytes = meta.record_bytes
-        copies = make_copies(self.device, hbm_capacity)
+        self.compute_stream = _compute_stream(self.device, stream)
+        copies = make_copies(self.device, hbm_capacity, dram_capacity, self.compute_stream)
         # one allocation per pool: pinning per record (or per copy) is much slower
-        dram_pool = torch.empty(dram_capacity, self.layout.numel, dtype=self.dtype,
-                                pin_memory=copies.pin_memory)
+        dram_pool = torch.empty(dram_capacity, self.layout.numel, dtype=self.dtype)
         hbm_pool = torch.empty(hbm_capacity, self.layout.numel, dtype=self.dtype,
                                device=self.device)
         # touch every page now, so no fetch pays the first-touch page faults of a host pool
         dram_pool.zero_()
         hbm_pool.zero_()
+        self.pinned_bytes = copies.pin(dram_pool)  # exactly the pool: 0 without CUDA
         self._copies = copies
         self._slot_views = [self.layout.views(row) for row in hbm_pool]  # built once
         self._file, self._tmpdir = file, tmpdir
         self._plan = TierMap(hbm_capacity, dram_capacity)
         self._engine = TransferEngine(hbm_pool, dram_pool, file, copies,
                                       TierMap(hbm_capacity, dram_capacity))
+        # closes the store if it is dropped without shutdown(); holds no reference to it
+        self._finalizer = weakref.finalize(self, _close, self._engine, file, tmpdir)
         self._hbm_lru: OrderedDict[int, None] = OrderedDict()
         self._dram_lru: OrderedDict[int, None] = OrderedDict()
         self._pins: Counter[int] = Counter()
@@ -191,7 +215,7 @@ class TieredExpertStore:
                     "waves), unpin some, or raise hbm_capacity")
             if self.trace is not None:
                 self.trace.store_call("get", ids)
-            self._in_use = ()
+            self._leave_use()
             moves: list[Move] = []
             for e in ids:
                 self._count_access(e)
@@ -199,7 +223,7 @@ class TieredExpertStore:
                     moves += self._plan_into_hbm(e, protected=needed)
                 self._touch(e)
             started = time.perf_counter()
-            self._run(moves, wait_for=[("hbm", self._plan.hbm_of[e]) for e in ids])
+            self._run(moves, wait_for=[self._plan.hbm_of[e] for e in ids])
             self.stats.seconds_blocked += time.perf_counter() - started
             self._in_use = ids
             return {e: self._expert(e) for e in ids}
@@ -247,7 +271,7 @@ class TieredExpertStore:
             if missing:
                 raise ValueError(f"experts {missing} are not in HBM; mark_dirty applies to "
                                  "experts returned by get_experts (and still resident)")
-            self._run([], wait_for=[("hbm", self._plan.hbm_of[e]) for e in ids])
+            self._run([], wait_for=[self._plan.hbm_of[e] for e in ids])
             if self.trace is not None:
                 self.trace.store_call("dirty", ids)
             with self._engine.data_lock:
@@ -263,20 +287,21 @@ class TieredExpertStore:
             if self.trace is not None:
                 self.trace.store_call("flush", ())
             plan = self._plan
-            moves = [Move("write_down", e, plan.hbm_of[e], plan.dram_of[e])
-                     for e in sorted(plan.hbm_dirty)]
-            moves += [Move("write_back", e, None, plan.dram_of[e])
-                      for e in sorted(plan.dram_dirty | plan.hbm_dirty)]
+            # the write-downs read slots that may still be in use: after the work queued so far
+            self._copies.release(plan.hbm_of[e] for e in plan.hbm_dirty)
+            moves = flush_moves(plan)
             for move in moves:
                 move.apply(plan)
             self._run(moves, wait_for=[])
             self._file.sync()
 
     def synchronize(self) -> None:
-        """Wait until every prefetch issued so far has completed."""
+        """Wait until every transfer issued so far has completed, its device copies included
+        (on CUDA, the copy stream is synchronised too)."""
         with self._lock:
             self._check_usable()
             self._settle()
+            self._copies.synchronize()
 
     def read_expert(self, expert_id: int) -> dict[str, torch.Tensor]:
         """The latest value of one expert as CPU tensors (a copy), wherever it lives."""
@@ -287,9 +312,11 @@ class TieredExpertStore:
             plan = self._plan
             if e in plan.hbm_of:
                 h = plan.hbm_of[e]
-                self._copies.wait_ready(h)
-                row = self._engine.hbm_pool[h].to("cpu", copy=True)
+                with self._copies.on_compute():  # after the kernels that wrote the slot
+                    self._copies.wait_ready(h)
+                    row = self._engine.hbm_pool[h].to("cpu", copy=True)
             elif e in plan.dram_of:
+                self._copies.before_host_access(plan.dram_of[e])
                 row = self._engine.dram_pool[plan.dram_of[e]].clone()
             else:
                 row = torch.empty(self.layout.numel, dtype=self.dtype)
@@ -311,6 +338,8 @@ class TieredExpertStore:
                 raise ValueError(f"experts {unknown} are not pinned")
             self._pins.subtract(ids)
             self._pins = +self._pins
+            self._copies.release(self._plan.hbm_of[e] for e in ids
+                                 if not self._pins[e] and e not in self._in_use)
 
     @contextmanager
     def pinned(self, expert_ids: Iterable[int]) -> Iterator[dict[int, Expert]]:
@@ -355,7 +384,7 @@ class TieredExpertStore:
                 "evictions": s.hbm_evictions,
                 "hbm_occupancy": len(self._plan.hbm_of) / self.hbm_capacity,
                 "dram_occupancy": len(self._plan.dram_of) / self.dram_capacity,
-                **s.as_dict()}
+                "pinned_bytes": self.pinned_bytes, **s.as_dict()}
 
     def reset_stats(self) -> None:
         with self._lock, self._engine.data_lock:
@@ -364,18 +393,18 @@ class TieredExpertStore:
             self.stats = StoreStats(bytes_moved=self._engine.bytes_moved)
 
     def shutdown(self) -> None:
-        """Flush dirty records, stop the worker and close the file (idempotent)."""
+        """Flush dirty records, stop the worker, free the pools and close the file
+        (idempotent). If the flush fails (a full disk), the store stays open and loses
+        nothing: free space and call ``flush()`` or ``shutdown()`` again."""
         with self._lock:
             if self._closed:
                 return
-            try:
+            if self._tmpdir is None:
                 self.flush()
-            finally:
-                self._closed = True
-                self._engine.close()
-                self._file.close()
-                if self._tmpdir is not None:
-                    self._tmpdir.cleanup()
+            self._closed = True
+            self._slot_views = []       # views of the HBM pool: let it go with the engine
+            self._in_use = ()
+            self._finalizer()
 
     def __enter__(self) -> "TieredExpertStore":
         return self
@@ -469,18 +498,41 @@ class TieredExpertStore:
             self._dram_lru.move_to_end(e)
 
     # -- running transfers and recovering from failed ones --------------------------------
-    def _run(self, moves: list[Move], wait_for: list) -> None:
-        """Run ``moves`` on this thread, then wait for in-flight transfers on ``wait_for``."""
+    def _leave_use(self) -> None:
+        """The experts of the last ``get_experts`` call leave use (their kernels are queued)."""
+        self._copies.release(self._plan.hbm_of[e] for e in self._in_use
+                             if e in self._plan.hbm_of)
+        self._in_use = ()
+
+    def _run(self, moves: list, wait_for: list[int]) -> None:
+        """Run ``moves`` on this thread, then wait for in-flight transfers into the HBM slots
+        ``wait_for`` (and make the compute stream wait for their copies)."""
         try:
             if moves:
                 self._engine.submit(moves, background=False)
-            for future in self._engine.pending_for(wait_for):
+            for future in self._engine.pending_for([("hbm", h) for h in wait_for]):
                 future.result()
+        except OSError as err:
+            self._recover()
+            if err.errno == errno.ENOSPC:
+                raise self._disk_full(err) from err
+            raise
         except BaseException:
             self._recover()
             raise
-        for resource, slot in wait_for:
+        for slot in wait_for:
             self._copies.wait_ready(slot)
+
+    def _disk_full(self, err: OSError) -> DiskFullError:
+        dirty = len(self._plan.hbm_dirty | self._plan.dram_dirty)
+        free = shutil.disk_usage(self.path).free
+        return DiskFullError(
+            errno.ENOSPC, f"no space left to write expert records to {self._file.directory} "
+            f"({free} bytes free, {dirty} dirty records of {self.record_bytes} bytes = "
+            f"{dirty * self.record_bytes} bytes to write). Nothing was lost: the dirty records "
+            "stay in DRAM/HBM and the file keeps its last flushed contents. Free space on that "
+            "disk and call flush() again (or reopen the store on a larger disk after a "
+            "flush)")
 
     def _settle(self) -> None:
         """Wait for every transfer; surface (after recovering from) a background failure."""
@@ -488,6 +540,8 @@ class TieredExpertStore:
         if self._engine.error is not None:
             error = self._engine.error
             self._recover()
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise self._disk_full(error) from error
             raise TransferError(f"a background transfer failed ({error!r}); no record was "
                                 "lost and the store recovered: retry the call") from error
         self._engine.forget_history()
@@ -507,7 +561,7 @@ class TieredExpertStore:
             lru.update(dict.fromkeys(order))
         for tier, resident in (("hbm", self._plan.hbm_of), ("dram", self._plan.dram_of)):
             self._prefetched[tier] &= set(resident)
-        self._in_use = ()
+        self._leave_use()
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -535,6 +589,35 @@ class TieredExpertStore:
     def _expert(self, e: int) -> Expert:
         h = self._plan.hbm_of[e]
         return Expert(e, self._engine.hbm_pool[h], self._slot_views[h])
+
+
+def _compute_stream(device: torch.device, stream):
+    """The stream the store orders its copies against (None without CUDA)."""
+    if device.type != "cuda":
+        if stream is not None:
+            raise ValueError(f"stream= applies to CUDA stores; this store is on {device}")
+        return None
+    stream = stream if stream is not None else torch.cuda.current_stream(device)
+    if stream.device != device:
+        raise ValueError(f"the compute stream is on {stream.device} but the store on {device}: "
+                         "pass a stream of the store's device")
+    return stream
+
+
+def _close(engine: TransferEngine, file: ExpertFile, tmpdir) -> None:
+    """Release what a store holds; ``shutdown()`` calls it, and so does the garbage collector
+    (or the interpreter's exit) for a store that was never shut down. Dirty records are
+    written to the file first, unless the file is a temporary one."""
+    try:
+        engine.close(flush=tmpdir is None)
+    except Exception as err:  # noqa: BLE001 - a finaliser cannot raise to anyone
+        warnings.warn(f"closing the expert store in {file.directory}: dirty records could not "
+                      f"be written ({err!r}); the file holds its last flushed contents",
+                      RuntimeWarning, stacklevel=2)
+    finally:
+        file.close()
+        if tmpdir is not None:
+            tmpdir.cleanup()
 
 
 def _write_initial_records(file: ExpertFile, layout: RecordLayout, dtype: torch.dtype,

@@ -6,16 +6,27 @@ prefetch). Transfers that touch the same slot or the same expert are ordered by 
 each resource remembers the last transfer that touched it, and a new transfer first waits for
 those. So a demand fetch waits only for the prefetches it conflicts with, never for the queue.
 
-On CUDA, host-to-device copies are ``non_blocking`` from pinned slots on a dedicated copy
-stream; each HBM slot keeps the event of its last copy, which the compute stream waits on
-before using the slot. Device-to-host write-backs wait for the compute work enqueued before
-they were planned, and complete before the record goes on to the file. Without CUDA the same
-moves are plain synchronous copies: ``HostCopies`` and ``CudaCopies`` are the only
-device-specific code, chosen once when the store is built.
+On CUDA, copies run ``non_blocking`` between the pinned DRAM pool and the HBM pool on a
+dedicated copy stream, ordered against the store's *compute stream* (bound when the store is
+built) by events, never by waiting for everything queued so far:
+
+- when an HBM slot leaves use (the next ``get_experts`` call, an ``unpin``), the store records
+  a *release* event on the compute stream after the work queued on it; a copy that overwrites
+  or reads that slot waits for that event only, so a prefetch into a free slot starts while
+  unrelated kernels still run;
+- each HBM slot keeps the event of its last copy, which the compute stream waits on before the
+  slot is used;
+- each DRAM slot keeps the event of the last asynchronous copy that reads or writes it; the
+  host waits for it only when it is about to read the slot (write a record to the file) or
+  overwrite it (load another record), so a write-down never blocks the caller by itself.
+
+Without CUDA the same moves are plain synchronous copies: ``HostCopies`` and ``CudaCopies`` are
+the only device-specific code, chosen once when the store is built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from concurrent.futures import Future, wait
@@ -27,7 +38,7 @@ import torch
 from .file_tier import ExpertFile
 from .residency import TierMap
 
-__all__ = ["Move", "TransferEngine", "HostCopies", "CudaCopies", "make_copies"]
+__all__ = ["Move", "TransferEngine", "HostCopies", "CudaCopies", "make_copies", "flush_moves"]
 
 
 class Move(NamedTuple):
@@ -55,6 +66,14 @@ class Move(NamedTuple):
             getattr(tiers, self.kind)(self.expert)
 
 
+def flush_moves(tiers: TierMap) -> list[Move]:
+    """The moves that bring every dirty record of ``tiers`` down to the file."""
+    moves = [Move("write_down", e, tiers.hbm_of[e], tiers.dram_of[e])
+             for e in sorted(tiers.hbm_dirty)]
+    return moves + [Move("write_back", e, None, tiers.dram_of[e])
+                    for e in sorted(tiers.dram_dirty | tiers.hbm_dirty)]
+
+
 # bytes are counted per physical link; the drop moves copy nothing
 LINKS = {"load": "file_to_dram", "promote": "dram_to_hbm", "write_down": "hbm_to_dram",
          "write_back": "dram_to_file"}
@@ -63,23 +82,35 @@ LINKS = {"load": "file_to_dram", "promote": "dram_to_hbm", "write_down": "hbm_to
 class HostCopies:
     """No accelerator: the 'HBM' pool is host memory and every copy completes at once."""
 
-    pin_memory = False
-
-    def __init__(self, hbm_slots: int) -> None:
+    def __init__(self, hbm_slots: int, dram_slots: int) -> None:
         """No per-slot state: nothing is ever in flight on the host."""
 
-    def compute_marker(self):
+    def pin(self, pool: torch.Tensor) -> int:
+        """Nothing to page-lock without a GPU; returns the bytes pinned (0)."""
+        return 0
+
+    def unpin(self, pool: torch.Tensor) -> None:
+        """Nothing was pinned."""
+
+    def on_compute(self):
+        """Host code runs in order with itself."""
+        return contextlib.nullcontext()
+
+    def release(self, slots) -> None:
+        """No compute stream whose work could still read the slots."""
+
+    def fence(self, h: int):
         """No compute stream to order copies after."""
         return None
 
     def to_device(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
         dst.copy_(src)
 
-    def to_host(self, dst: torch.Tensor, src: torch.Tensor, after) -> None:
+    def to_host(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
         dst.copy_(src)
 
-    def before_host_write(self, d: int) -> None:
-        """No asynchronous copy can still be reading the slot."""
+    def before_host_access(self, d: int) -> None:
+        """No asynchronous copy can still be using the slot."""
 
     def wait_ready(self, h: int) -> None:
         """Copies into the slot completed when they were made."""
@@ -89,55 +120,86 @@ class HostCopies:
 
 
 class CudaCopies:
-    """CUDA: asynchronous copies on a dedicated stream, one ready-event per HBM slot."""
+    """CUDA: asynchronous copies on a dedicated stream, ordered by per-slot events."""
 
-    pin_memory = True
-
-    def __init__(self, hbm_slots: int, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, hbm_slots: int, dram_slots: int, device: torch.device,
+                 compute_stream: torch.cuda.Stream) -> None:
+        self.device, self.compute = device, compute_stream
         self.stream = torch.cuda.Stream(device)
-        self.ready: list = [None] * hbm_slots      # event: last copy into HBM slot done
-        self.reading: dict[int, torch.cuda.Event] = {}  # DRAM slot -> last H2D that reads it
+        self.ready: list = [None] * hbm_slots      # HBM slot -> its last copy (in or out)
+        self.released: list = [None] * hbm_slots   # HBM slot -> compute's last use of it
+        self.dram_busy: list = [None] * dram_slots  # DRAM slot -> last async copy using it
 
-    def compute_marker(self) -> torch.cuda.Event:
-        """An event after the compute work enqueued so far (slot reuse must wait for it)."""
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
+    def pin(self, pool: torch.Tensor) -> int:
+        """Page-lock ``pool`` where it lies (``cudaHostRegister``). Unlike
+        ``pin_memory=True``, which goes through PyTorch's caching host allocator and rounds
+        the request up to a power of two, this pins exactly the pool's bytes."""
+        nbytes = pool.numel() * pool.element_size()
+        err = int(torch.cuda.cudart().cudaHostRegister(pool.data_ptr(), nbytes, 0))
+        if err != 0:
+            raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.2f} GiB DRAM pool "
+                               f"failed (cudaError {err}): the system may limit page-locked "
+                               "memory (ulimit -l); lower dram_capacity")
+        return nbytes
+
+    def unpin(self, pool: torch.Tensor) -> None:
+        torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())
+
+    def on_compute(self):
+        """A context in which the calling thread's work is queued on the compute stream."""
+        return torch.cuda.stream(self.compute)
+
+    def release(self, slots) -> None:
+        """The HBM ``slots`` leave use: everything that reads or writes them is queued."""
+        slots = list(slots)
+        if slots:
+            event = torch.cuda.Event()
+            event.record(self.compute)
+            for h in slots:
+                self.released[h] = event
+
+    def fence(self, h: int):
+        """What a copy touching HBM slot ``h`` must wait for: the slot's last use."""
+        return self.released[h]
+
+    def _copy(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.ready[h] = self.dram_busy[d] = done
 
     def to_device(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(after)
-            dst.copy_(src, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        self.ready[h] = self.reading[d] = done
+        self._copy(h, d, dst, src, after)
 
-    def to_host(self, dst: torch.Tensor, src: torch.Tensor, after) -> None:
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(after)
-            dst.copy_(src, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()  # the record goes on to the file next: it must be complete
+    def to_host(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
+        self._copy(h, d, dst, src, after)
 
-    def before_host_write(self, d: int) -> None:
-        """The host is about to overwrite DRAM slot d: finish any copy still reading it."""
-        event = self.reading.pop(d, None)
+    def before_host_access(self, d: int) -> None:
+        """The host is about to read or overwrite DRAM slot ``d``: finish the copy using it."""
+        event = self.dram_busy[d]
         if event is not None:
             event.synchronize()
+            self.dram_busy[d] = None
 
     def wait_ready(self, h: int) -> None:
-        """Make the compute stream wait until HBM slot h holds its record."""
+        """Make the compute stream wait until the last copy into or out of HBM slot h is done."""
         if self.ready[h] is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.ready[h])
+            self.compute.wait_event(self.ready[h])
 
     def synchronize(self) -> None:
+        """Wait for every copy queued on the copy stream."""
         self.stream.synchronize()
 
 
-def make_copies(device: torch.device, hbm_slots: int):
-    return CudaCopies(hbm_slots, device) if device.type == "cuda" else HostCopies(hbm_slots)
+def make_copies(device: torch.device, hbm_slots: int, dram_slots: int,
+                compute_stream=None):
+    """The copy strategy for ``device`` (``compute_stream`` only on CUDA)."""
+    if device.type == "cuda":
+        return CudaCopies(hbm_slots, dram_slots, device, compute_stream)
+    return HostCopies(hbm_slots, dram_slots)
 
 
 @dataclass
@@ -145,7 +207,7 @@ class _Transfer:
     moves: list
     deps: list
     future: Future
-    after: object   # compute marker taken when the transfer was planned
+    after: dict     # HBM slot -> the release event its copies wait for, taken when planned
 
 
 class TransferEngine:
@@ -175,8 +237,10 @@ class TransferEngine:
         future: Future = Future()
         for r in resources:
             self._last[r] = future
+        after = {m.hbm_slot: self.copies.fence(m.hbm_slot) for m in moves
+                 if m.kind in ("write_down", "promote")}
         transfer = _Transfer(moves, [d for d in deps if not d.done() or d.exception()],
-                             future, self.copies.compute_marker())
+                             future, after)
         if background:
             self._pending.add(future)
             future.add_done_callback(self._pending.discard)
@@ -198,14 +262,28 @@ class TransferEngine:
         """After a drain: no transfer is in flight, so nothing needs to be waited for."""
         self._last.clear()
 
-    def close(self) -> None:
-        self.drain()
-        self._queue.put(None)
-        self._worker.join()
-        self.copies.synchronize()
+    def close(self, flush: bool) -> None:
+        """Finish every transfer; with ``flush``, write every dirty record to the file (made
+        durable); then stop the worker, wait for the copy stream and unpin the DRAM pool.
+        The engine holds no pool afterwards, so their memory goes with the last view."""
+        try:
+            self.drain()
+            if flush and self.error is None:
+                self.forget_history()
+                self.copies.release(range(len(self.hbm_pool)))  # all compute is queued
+                self.submit(flush_moves(self.data), background=False)
+                self.file.sync()
+        finally:
+            self._queue.put(None)
+            self._worker.join()
+            self.copies.synchronize()
+            self.copies.unpin(self.dram_pool)
+            self.hbm_pool = self.dram_pool = None
 
     # -- execution side ------------------------------------------------------------------------
     def _work(self) -> None:
+        if self.hbm_pool.device.type == "cuda":
+            torch.cuda.set_device(self.hbm_pool.device)  # else a context appears on GPU 0
         while (transfer := self._queue.get()) is not None:
             self._run(transfer)
 
@@ -214,7 +292,7 @@ class TransferEngine:
             for dep in t.deps:
                 dep.result()  # an earlier transfer on our resources failed: do not touch them
             for move in t.moves:
-                self._execute(move, t.after)
+                self._execute(move, t.after.get(move.hbm_slot))
         except BaseException as err:  # noqa: BLE001 - reported through the future
             if self.error is None:
                 self.error = err
@@ -225,11 +303,12 @@ class TransferEngine:
     def _execute(self, move: Move, after) -> None:
         e, h, d = move.expert, move.hbm_slot, move.dram_slot
         if move.kind == "write_down":
-            self.copies.to_host(self.dram_pool[d], self.hbm_pool[h], after)
+            self.copies.to_host(h, d, self.dram_pool[d], self.hbm_pool[h], after)
         elif move.kind == "write_back":
+            self.copies.before_host_access(d)
             self.file.write_from(e, self.dram_pool[d])
         elif move.kind == "load":
-            self.copies.before_host_write(d)
+            self.copies.before_host_access(d)
             self.file.read_into(e, self.dram_pool[d])
         elif move.kind == "promote":
             self.copies.to_device(h, d, self.hbm_pool[h], self.dram_pool[d], after)
