@@ -10,9 +10,11 @@ import numpy as np
 
 
 def read_file_records(directory) -> np.ndarray:
-    """All records of an expert file, read with numpy (not through the store)."""
+    """All records of an expert file, read with numpy (not through the store); the zero
+    padding after the last record, up to a multiple of 4096 bytes, is not read."""
     meta = json.loads((Path(directory) / "experts.json").read_text())
-    data = np.fromfile(Path(directory) / "experts.bin", dtype=meta["dtype"])
+    data = np.fromfile(Path(directory) / "experts.bin", dtype=meta["dtype"],
+                       count=meta["num_experts"] * meta["record_numel"])
     return data.reshape(meta["num_experts"], meta["record_numel"])
 
 

@@ -1,11 +1,13 @@
 """Random sequences of store operations against a plain dict of values and a list-based LRU."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ooc_moe import TieredExpertStore
+from ooc_moe.store.file_tier import BACKENDS
 from reference import ListLRU, read_file_records
 
 N, DIM, HIDDEN = 10, 3, 5
@@ -21,13 +23,15 @@ ops = st.lists(st.one_of(
 ), min_size=1, max_size=40)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(ops=ops, hbm=st.integers(1, 4), extra_dram=st.integers(0, 4))
-def test_store_matches_dict_and_reference_lru(tmp_path_factory, ops, hbm, extra_dram):
+def test_store_matches_dict_and_reference_lru(tmp_path_factory, backend, ops, hbm, extra_dram):
     path = tmp_path_factory.mktemp("store")
     dram = min(hbm + extra_dram, N)
-    store = TieredExpertStore(N, DIM, HIDDEN, hbm, dram, "cpu", path=path, seed=1)
+    store = TieredExpertStore(N, DIM, HIDDEN, hbm, dram, "cpu", path=path, seed=1,
+                              file_backend=backend)
     values = {e: torch.from_numpy(row.copy()) for e, row in enumerate(read_file_records(path))}
     lru = ListLRU(hbm, dram)
     try:
@@ -59,7 +63,7 @@ def test_store_matches_dict_and_reference_lru(tmp_path_factory, ops, hbm, extra_
             else:
                 store.shutdown()
                 store = TieredExpertStore.open(path, "cpu", hbm_capacity=hbm,
-                                               dram_capacity=dram)
+                                               dram_capacity=dram, file_backend=backend)
                 lru = ListLRU(hbm, dram)
             store._plan.check()  # prefetches may still be in flight: checked at "sync"
             assert sorted(store._plan.hbm_of) == sorted(lru.hbm)
