@@ -7,11 +7,14 @@ through HBM in *waves*: fetch as many as fit, compute their tokens, move on. Bac
 ``torch.autograd.Function``) fetches the weights again, wave by wave in reverse order, as
 ZeRO-3 / ZeRO-Infinity re-gather parameters for backward, and accumulates each expert's weight
 gradient into its own record, which travels through the tiers with it. When every expert of
-the batch fits in HBM there is one wave and nothing is fetched twice.
+the batch fits in HBM there is one wave and nothing is fetched twice. After adding to a record's
+gradient the backward also notes its squared norm (``expert_grad_sq_norms``), so the global
+gradient norm can be clipped without another pass over the experts.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +25,19 @@ from torch import Tensor
 from ..store import TieredExpertStore
 from .router import ExpertRouter, RouterOutput
 
-__all__ = ["Dispatch", "plan_waves", "expert_mixture", "TieredMoELayer"]
+__all__ = ["Dispatch", "plan_waves", "expert_mixture", "TieredMoELayer",
+           "expert_grad_sq_norms"]
+
+# Per store, per expert with a pending gradient, the squared norm of the gradient in its
+# record: written after every addition to it (a later layer sharing the store overwrites it
+# with the norm of the sum), cleared by ``ExpertOptimizer`` with the gradients.
+_GRAD_SQ_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def expert_grad_sq_norms(store: TieredExpertStore) -> dict[int, Tensor]:
+    """``{expert id: ||grad||^2}`` (0-dim tensors on the store's device) of every expert
+    whose record holds a gradient; the dict itself, to be cleared with the gradients."""
+    return _GRAD_SQ_NORMS.setdefault(store, {})
 
 
 @dataclass
@@ -92,6 +107,7 @@ class _StreamedExperts(torch.autograd.Function):
         gy = g * weights.reshape(-1)[d.order][:, None]              # dL/d y per assignment
         grad_x = torch.zeros_like(x)
         waves = ctx.waves[::-1]  # the last forward wave is most likely still resident
+        sq_norms = expert_grad_sq_norms(store)
         for i, wave in enumerate(waves):
             experts = store.get_experts(wave)
             if ctx.prefetch and i + 1 < len(waves):
@@ -107,6 +123,7 @@ class _StreamedExperts(torch.autograd.Function):
                 ex.grad_w1.addmm_(ga.T, xe)
                 ex.grad_b1.add_(ga.sum(0))
                 grad_x.index_add_(0, tokens, ga @ ex.w1)
+                sq_norms[e] = torch.dot(ex.grad, ex.grad)
             store.mark_dirty(wave)
             store.experts_with_grad.update(wave)
         return grad_x, grad_weights.view_as(weights), None, None, None, None
