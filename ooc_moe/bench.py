@@ -3,9 +3,10 @@
 Run: ``python -m ooc_moe bench {store,layer,sim,all} [--quick] [--json FILE]``.
 
 ``store``: for each link of the fetch path, the store's throughput divided by the raw copy of
-the same bytes (file -> DRAM: ``preadv`` into one buffer, from the page cache and cold;
-DRAM -> HBM: ``copy_`` between preallocated tensors, ``non_blocking`` from pinned memory on
-CUDA). Then prefetch overlap: a loop of expert compute + ``get_experts`` with the next step
+the same bytes (file -> DRAM: ``preadv`` into one buffer, from the page cache and cold, once per
+file backend, ``pread``, ``memmap`` and ``direct``; with ``fio`` installed, its ``O_DIRECT``
+sequential read of the same file as the disk's own limit; DRAM -> HBM: ``copy_`` between
+preallocated tensors, ``non_blocking`` from pinned memory on CUDA). Then prefetch overlap: a loop of expert compute + ``get_experts`` with the next step
 prefetched, divided by the same loop with every expert resident.
 
 ``layer``: the train step (forward + backward + optimizer) of a ``TieredMoELayer`` whose
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,10 +35,10 @@ import torch.nn.functional as F
 
 from .moe import ExpertOptimizer, ExpertRouter, TieredMoELayer
 from .store import TieredExpertStore
-from .store.file_tier import DATA_NAME
+from .store.file_tier import BACKENDS, DATA_NAME
 from .store.stats import LINKS
 
-__all__ = ["StoreBenchConfig", "bench_store", "LayerBenchConfig", "bench_layer",
+__all__ = ["StoreBenchConfig", "bench_store", "bench_file_tier", "LayerBenchConfig", "bench_layer",
            "SimBenchConfig", "bench_sim"]
 
 
@@ -63,6 +66,8 @@ class LinkResult:
     bytes: int
     store_s: float
     raw_s: float
+    backend: str | None = None         # file -> DRAM links: the store's file backend
+    cold: bool = False                 # file -> DRAM links: page cache dropped before each read
     ratio: float = field(init=False)   # store throughput / raw throughput (goal >= 0.9)
 
     def __post_init__(self) -> None:
@@ -70,7 +75,7 @@ class LinkResult:
 
     def line(self) -> str:
         gbs = lambda s: self.bytes / s / 1e9  # noqa: E731
-        return (f"{self.link:<26} {self.bytes / 1e6:8.1f} MB  store {gbs(self.store_s):6.2f} GB/s"
+        return (f"{self.link:<34} {self.bytes / 1e6:8.1f} MB  store {gbs(self.store_s):6.2f} GB/s"
                 f"  raw {gbs(self.raw_s):6.2f} GB/s  ratio {self.ratio:5.2f}")
 
 
@@ -109,7 +114,9 @@ def _median_pair(store_fn, raw_fn, repeats: int, prepare=lambda: None) -> tuple[
     return statistics.median(store_t), statistics.median(raw_t)
 
 
-def _file_to_dram(cfg: StoreBenchConfig, directory: str, cold: bool) -> LinkResult:
+def _file_to_dram(cfg: StoreBenchConfig, directory: str) -> list[LinkResult]:
+    """file -> DRAM through each file backend, from the page cache and then cold (where the
+    cache can be dropped), each against the raw ``preadv`` of the same bytes in the same run."""
     n = cfg.num_experts
     path = os.path.join(directory, DATA_NAME)
     ids = list(range(n))
@@ -130,20 +137,71 @@ def _file_to_dram(cfg: StoreBenchConfig, directory: str, cold: bool) -> LinkResu
         finally:
             os.close(fd)
 
-    def read_store():
-        with TieredExpertStore.open(directory, cfg.device, hbm_capacity=1,
-                                    dram_capacity=n) as s:
-            start = time.perf_counter()
-            s.prefetch(ids, tier="dram")
-            s.synchronize()
-            timings.append(time.perf_counter() - start)
+    def read_store(backend: str, timings: list[float]):
+        def run():
+            with TieredExpertStore.open(directory, cfg.device, hbm_capacity=1,
+                                        dram_capacity=n, file_backend=backend) as s:
+                start = time.perf_counter()
+                s.prefetch(ids, tier="dram")
+                s.synchronize()
+                timings.append(time.perf_counter() - start)
+        return run
 
-    timings: list[float] = []
-    prepare = (lambda: _drop_page_cache(path)) if cold else (lambda: None)
-    read_raw()  # warm the page cache (and the allocator) for the cached measurement
-    _, raw_s = _median_pair(read_store, read_raw, cfg.repeats, prepare)
-    name = "file -> DRAM (cold)" if cold else "file -> DRAM (page cache)"
-    return LinkResult(name, n * record_bytes, statistics.median(timings), raw_s)
+    links = []
+    read_raw()  # warm the page cache (and the allocator) for the cached measurements
+    for cold in (False, True):
+        if cold and not _drop_page_cache(path):
+            break
+        prepare = (lambda: _drop_page_cache(path)) if cold else (lambda: None)
+        for backend in BACKENDS:
+            timings: list[float] = []
+            _, raw_s = _median_pair(read_store(backend, timings), read_raw, cfg.repeats, prepare)
+            name = ("file -> DRAM (cold" if cold else "file -> DRAM (page cache") + (
+                ")" if backend == "pread" else f", {backend})")
+            links.append(LinkResult(name, n * record_bytes, statistics.median(timings), raw_s,
+                                    backend, cold))
+    return links
+
+
+def _fio(path: str) -> dict | None:
+    """The disk's own limit: fio's sequential O_DIRECT read of the file (1 MiB blocks, 16 in
+    flight); None without fio, {"error": ...} if it failed."""
+    if shutil.which("fio") is None:
+        return None
+    command = ["fio", "--name=disk", f"--filename={path}", "--readonly", "--rw=read",
+               "--direct=1", "--bs=1M", "--ioengine=libaio", "--iodepth=16",
+               "--output-format=json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        return {"command": " ".join(command), "error": result.stderr.strip()[-300:]}
+    report = json.loads(result.stdout[result.stdout.index("{"):])  # after any warning lines
+    read = report["jobs"][0]["read"]
+    return {"command": " ".join(command), "bytes": read["io_bytes"],
+            "bytes_per_s": read["bw_bytes"]}
+
+
+def _fio_line(fio: dict | None, links: list[LinkResult]) -> str:
+    if fio is None:
+        return "disk limit: fio is not installed (apt-get install fio), skipped"
+    if "error" in fio:
+        return f"disk limit: fio failed ({fio['error']}), skipped"
+    ratios = "  ".join(f"{x.backend} {x.bytes / x.store_s / fio['bytes_per_s']:.2f}"
+                       for x in links if x.cold)
+    return (f"disk limit (fio, O_DIRECT, 1 MiB x 16 in flight) {fio['bytes_per_s'] / 1e9:6.2f}"
+            f" GB/s; cold store / fio: {ratios or 'no cold measurement'}")
+
+
+def bench_file_tier(cfg: StoreBenchConfig) -> dict:
+    """file -> DRAM through each file backend, warm and cold, against the raw read and fio."""
+    with tempfile.TemporaryDirectory(prefix="ooc-moe-bench-", dir=cfg.directory) as directory:
+        links = _file_to_dram(cfg, directory)
+        fio = _fio(os.path.join(directory, DATA_NAME))
+    print(f"bench file tier: {cfg.num_experts} records of {cfg.expert_dim}x{cfg.hidden_dim} "
+          f"({links[0].bytes / cfg.num_experts / 1e6:.1f} MB)")
+    for link in links:
+        print("  " + link.line())
+    print("  " + _fio_line(fio, links))
+    return {"links": [asdict(x) for x in links], "fio": fio}
 
 
 def _dram_to_hbm(cfg: StoreBenchConfig, directory: str) -> LinkResult:
@@ -223,9 +281,8 @@ def bench_store(cfg: StoreBenchConfig) -> dict:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg.device = str(device)
     with tempfile.TemporaryDirectory(prefix="ooc-moe-bench-", dir=cfg.directory) as directory:
-        links = [_file_to_dram(cfg, directory, cold=False)]
-        if _drop_page_cache(os.path.join(directory, DATA_NAME)):
-            links.append(_file_to_dram(cfg, directory, cold=True))
+        links = _file_to_dram(cfg, directory)
+        fio = _fio(os.path.join(directory, DATA_NAME))
         links.append(_dram_to_hbm(cfg, directory))
         overlap = _overlap(cfg, directory)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -234,6 +291,7 @@ def bench_store(cfg: StoreBenchConfig) -> dict:
           f"({links[0].bytes / cfg.num_experts / 1e6:.1f} MB)")
     for link in links:
         print("  " + link.line())
+    print("  " + _fio_line(fio, links))
     print(f"  overlap: {cfg.steps} steps x {cfg.batch} new experts, {cfg.tokens} tokens each")
     print(f"    all resident {overlap['resident_s'] * 1e3 / cfg.steps:7.2f} ms/step")
     print(f"    prefetched   {overlap['prefetch_s'] * 1e3 / cfg.steps:7.2f} ms/step  ratio "
@@ -242,7 +300,7 @@ def bench_store(cfg: StoreBenchConfig) -> dict:
     print(f"    demand only  {overlap['demand_s'] * 1e3 / cfg.steps:7.2f} ms/step  ratio "
           f"{overlap['ratio_demand']:.2f}")
     return {"device": name, "config": asdict(cfg), "links": [asdict(x) for x in links],
-            "overlap": overlap}
+            "fio": fio, "overlap": overlap}
 
 
 def write_json(results: dict, path: str) -> None:

@@ -263,3 +263,16 @@ def test_write_backs_need_no_new_space_on_a_full_disk(small_disk, backend):
     with TieredExpertStore.open(path, "cpu", file_backend=backend) as s:
         for e in range(4):
             assert torch.all(s.read_expert(e)["w1"] == e + 0.5)
+
+
+def test_the_file_tier_benchmark_measures_every_backend_warm_and_cold():
+    from ooc_moe.bench import StoreBenchConfig, _fio_line, bench_file_tier
+
+    figures = bench_file_tier(StoreBenchConfig(expert_dim=16, hidden_dim=64, num_experts=8,
+                                               repeats=1, device="cpu"))
+    measured = {(link["backend"], link["cold"]) for link in figures["links"]}
+    assert measured == set(itertools.product(BACKENDS, (False, True)))
+    assert all(link["ratio"] > 0 and link["bytes"] == 8 * 8512 for link in figures["links"])
+    fio = figures["fio"]
+    assert fio is None or "error" in fio or fio["bytes_per_s"] > 0
+    assert "fio is not installed" in _fio_line(None, [])
