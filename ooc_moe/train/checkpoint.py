@@ -13,6 +13,7 @@ store's file made after ``store.flush()``.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from ..store.file_tier import DATA_NAME, META_NAME
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "CheckpointError"]
 
 STATE_NAME = "state.pt"
 
@@ -34,6 +35,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
 def save_checkpoint(run_dir: str | os.PathLike, state: dict, store=None) -> Path:
     """Write ``state`` (and a copy of ``store``'s expert file) as ``run_dir/checkpoint``."""
     run_dir = Path(run_dir)
@@ -41,15 +46,28 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict, store=None) -> Path
                        run_dir / "checkpoint.old")
     if tmp.exists():
         shutil.rmtree(tmp)                     # left by a run killed while writing
-    (tmp / "store").mkdir(parents=True)
     if store is not None:
         store.flush()                          # every dirty expert is in the file now
-        for name in (DATA_NAME, META_NAME):
-            shutil.copyfile(Path(store.path) / name, tmp / "store" / name)
-            _fsync(tmp / "store" / name)
-    torch.save(state, tmp / STATE_NAME)
-    _fsync(tmp / STATE_NAME)
-    _fsync(tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)                  # its size is known before anything is written
+    needed = buffer.tell()
+    if store is not None:
+        needed += sum((Path(store.path) / name).stat().st_size for name in (DATA_NAME, META_NAME))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(run_dir).free
+    problem = f"it needs {needed} bytes, {free} are free" if needed > free else None
+    if problem is None:
+        try:
+            _write_checkpoint(tmp, buffer, store)
+        except OSError as err:
+            problem = f"{err.strerror or err} (it needs {needed} bytes, {free} were free)"
+    if problem is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = find_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier one"
+        raise CheckpointError(f"cannot write a checkpoint in {run_dir}: {problem}; {kept}. "
+                              "Free space on that disk (or train with --out on a larger one) "
+                              "and resume with --resume")
     if final.exists():
         if old.exists():
             shutil.rmtree(old)
@@ -59,6 +77,17 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict, store=None) -> Path
     if old.exists():
         shutil.rmtree(old)
     return final
+
+
+def _write_checkpoint(tmp: Path, buffer: io.BytesIO, store) -> None:
+    (tmp / "store").mkdir(parents=True)
+    if store is not None:
+        for name in (DATA_NAME, META_NAME):
+            shutil.copyfile(Path(store.path) / name, tmp / "store" / name)
+            _fsync(tmp / "store" / name)
+    (tmp / STATE_NAME).write_bytes(buffer.getbuffer())
+    _fsync(tmp / STATE_NAME)
+    _fsync(tmp)
 
 
 def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
