@@ -10,12 +10,20 @@ padding or padding mask is needed and rollouts and PPO updates see identical win
 Routing modes: ``"token"``, the router sees the token only; ``"env"``, it also sees a learned
 embedding of the game (predicted by the environment detector during play), which lets a
 router send each game to its own experts. ``DenseRLAgent`` is the baseline with the same
-active parameters per token (``DenseTransformerBlock``), same interface.
+active parameters per token (``DenseTransformerBlock``), same interface. ``CNNAgent`` is
+the agent of CleanRL's ``ppo_atari.py`` (Huang et al., 2022): the Nature-CNN and two heads, no
+window (a "window" of one observation), the anchor every learning table is read against.
+
+Every agent exposes what the trainer needs: ``encode(obs) -> [B, token_dim]``,
+``forward(windows [B, T, token_dim], games) -> (logits, values, aux_loss)``, ``context_len``,
+``token_dim``, ``routes_by_game``, ``store`` (None without experts) and ``moe_layers``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
 
 import torch
 import torch.nn as nn
@@ -24,7 +32,8 @@ from torch import Tensor
 from .moe import DenseTransformerBlock, MoETransformerBlock
 from .store import RecordLayout, TieredExpertStore
 
-__all__ = ["MoERLAgentConfig", "MoERLAgent", "DenseRLAgent", "NatureCNN", "ContextWindows"]
+__all__ = ["MoERLAgentConfig", "MoERLAgent", "DenseRLAgent", "NatureCNN", "ContextWindows",
+           "CNNAgentConfig", "CNNAgent", "layer_init"]
 
 ROUTING_MODES = ("token", "env")
 
@@ -93,16 +102,56 @@ class MoERLAgentConfig:
         return MoERLAgent(self, device=device, path=path)
 
 
-class NatureCNN(nn.Module):
-    """The Atari encoder of Mnih et al. (2015): uint8 frames -> one ``dim`` token."""
+@dataclass
+class CNNAgentConfig:
+    """The sizes of CleanRL's ``ppo_atari.py`` agent."""
 
-    def __init__(self, in_channels: int, dim: int) -> None:
+    obs_shape: tuple = (1, 84, 84)   # one frame: channels, height, width
+    num_actions: int = 18
+    num_envs: int = 57               # games of the sequence (the agent does not read them)
+    frame_stack: int = 4
+    hidden_dim: int = 512            # the Nature-CNN's last layer
+
+    def __post_init__(self) -> None:
+        self.obs_shape = tuple(self.obs_shape)
+
+    def estimate_params(self) -> dict:
+        """Parameter counts, in the keys of ``MoERLAgentConfig.estimate_params`` that apply."""
+        c, d = self.obs_shape[0] * self.frame_stack, self.hidden_dim
+        n = (c * 32 * 64 + 32) + (32 * 64 * 16 + 64) + (64 * 64 * 9 + 64) + (3136 * d + d) \
+            + (d + 1) * (self.num_actions + 1)
+        return {"dense": n, "experts": 0, "total": n, "active_per_token": n}
+
+    def create_agent(self, device: str | torch.device | None = None) -> "CNNAgent":
+        return CNNAgent(self, device)
+
+
+def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias_const: float = 0.0
+               ) -> nn.Module:
+    """CleanRL's initialisation: orthogonal weights of gain ``std``, constant biases."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def _check_observations(obs: Tensor, config) -> None:
+    expected = (config.frame_stack * config.obs_shape[0], *config.obs_shape[1:])
+    if obs.dim() != 4 or tuple(obs.shape[1:]) != expected:
+        raise ValueError(f"expected observations [batch, {', '.join(map(str, expected))}], "
+                         f"got {tuple(obs.shape)}")
+
+
+class NatureCNN(nn.Module):
+    """The Atari encoder of Mnih et al. (2015): uint8 frames -> one ``dim`` token. ``init``
+    is applied to each layer as it is made (``layer_init``: CleanRL's, in its order)."""
+
+    def __init__(self, in_channels: int, dim: int, init=lambda layer: layer) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 8, stride=4), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten(),
-            nn.Linear(64 * 7 * 7, dim), nn.ReLU())
+            init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
+            init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+            init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(), nn.Flatten(),
+            init(nn.Linear(64 * 7 * 7, dim)), nn.ReLU())
 
     def forward(self, obs: Tensor) -> Tensor:
         return self.net(obs.float() / 255.0)
@@ -146,6 +195,8 @@ class _SequenceAgent(nn.Module):
         self.game_embedding = nn.Embedding(config.num_envs, d) \
             if config.routing == "env" else None
         self.blocks = blocks
+        self.context_len, self.token_dim = config.context_len, d
+        self.routes_by_game = config.routing == "env"
         self.norm = nn.LayerNorm(d)
         self.actor = nn.Linear(d, config.num_actions)
         self.critic = nn.Linear(d, 1)
@@ -156,11 +207,7 @@ class _SequenceAgent(nn.Module):
 
     def encode(self, obs: Tensor) -> Tensor:
         """``uint8 [B, frame_stack * C, H, W]`` -> normalised tokens ``[B, dim]``."""
-        expected = (self.config.frame_stack * self.config.obs_shape[0],
-                    *self.config.obs_shape[1:])
-        if obs.dim() != 4 or tuple(obs.shape[1:]) != expected:
-            raise ValueError(f"expected observations [batch, {', '.join(map(str, expected))}]"
-                             f", got {tuple(obs.shape)}")
+        _check_observations(obs, self.config)
         return self.token_norm(self.encoder(obs))
 
     def forward(self, windows: Tensor, games: Tensor | None = None
@@ -226,3 +273,39 @@ class DenseRLAgent(_SequenceAgent):
     @property
     def moe_layers(self) -> list:
         return []
+
+
+class CNNAgent(nn.Module):
+    """CleanRL's ``ppo_atari.py`` agent: ``hidden = NatureCNN(obs / 255)``, actor and critic
+    heads on it; every layer ``layer_init`` (gain sqrt(2)), the actor's 0.01, the critic's 1.
+    ``encode`` gives ``hidden``, so the trainer's windows hold one observation."""
+
+    context_len = 1
+    routes_by_game = False
+
+    def __init__(self, config: CNNAgentConfig, device: str | torch.device | None = None
+                 ) -> None:
+        super().__init__()
+        self.config, self.token_dim = config, config.hidden_dim
+        self.encoder = NatureCNN(config.obs_shape[0] * config.frame_stack, config.hidden_dim,
+                                 init=layer_init)
+        self.actor = layer_init(nn.Linear(config.hidden_dim, config.num_actions), std=0.01)
+        self.critic = layer_init(nn.Linear(config.hidden_dim, 1), std=1.0)
+        self.store = None
+        self.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def moe_layers(self) -> list:
+        return []
+
+    def encode(self, obs: Tensor) -> Tensor:
+        """``uint8 [B, frame_stack * C, H, W]`` -> ``hidden [B, hidden_dim]``."""
+        _check_observations(obs, self.config)
+        return self.encoder(obs)
+
+    def forward(self, windows: Tensor, games: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """``windows [B, T, hidden_dim]``: the newest (last) is read -> logits ``[B, A]``,
+        values ``[B]`` and a zero auxiliary loss."""
+        hidden = windows[:, -1]
+        return self.actor(hidden), self.critic(hidden).squeeze(-1), hidden.new_zeros(())

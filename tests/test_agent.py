@@ -1,9 +1,13 @@
-"""The MoE agent and its dense baseline: shapes, windows, parameter counts, routing modes."""
+"""The MoE agent, its dense baseline and the cnn baseline: shapes, windows, parameter counts,
+routing modes, and the cnn agent against CleanRL's own."""
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
-from ooc_moe.agent import ContextWindows, DenseRLAgent, MoERLAgent, MoERLAgentConfig
+from ooc_moe.agent import (CNNAgent, CNNAgentConfig, ContextWindows, DenseRLAgent, MoERLAgent,
+                           MoERLAgentConfig)
 
 SMALL = dict(num_experts=16, expert_dim=32, expert_hidden=64, num_layers=2, num_heads=2,
              context_len=4, hbm_cap=4, dram_cap=8, num_envs=3)
@@ -106,3 +110,62 @@ def test_wrong_observation_shape_is_a_clear_error():
         agent.encode(torch.zeros(2, 3, 84, 84, dtype=torch.uint8))
     with pytest.raises(ValueError, match="at most context_len=4"):
         agent(torch.randn(1, 5, 32))
+
+
+# -- the cnn baseline against CleanRL's ppo_atari.py, copied as it is written there ----------
+def cleanrl_layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class CleanRLAgent(nn.Module):
+    def __init__(self, num_actions):
+        super().__init__()
+        self.network = nn.Sequential(
+            cleanrl_layer_init(nn.Conv2d(4, 32, 8, stride=4)), nn.ReLU(),
+            cleanrl_layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+            cleanrl_layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(), nn.Flatten(),
+            cleanrl_layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU())
+        self.actor = cleanrl_layer_init(nn.Linear(512, num_actions), std=0.01)
+        self.critic = cleanrl_layer_init(nn.Linear(512, 1), std=1)
+
+    def get_action_and_value(self, x):
+        hidden = self.network(x / 255.0)
+        return self.actor(hidden), self.critic(hidden)
+
+
+def test_cnn_agent_is_cleanrls_agent_weight_for_weight_and_output_for_output():
+    torch.manual_seed(3)
+    ours = CNNAgent(CNNAgentConfig(num_envs=2), "cpu")
+    torch.manual_seed(3)
+    theirs = CleanRLAgent(18)
+    renamed = {k.replace("encoder.net.", "network."): v for k, v in ours.state_dict().items()}
+    assert renamed.keys() == theirs.state_dict().keys()
+    for name, value in theirs.state_dict().items():           # same seed, same init order
+        assert torch.equal(renamed[name], value), name
+    x = obs(5)
+    windows = ContextWindows(5, ours.context_len, ours.token_dim).push(
+        ours.encode(x), torch.ones(5, dtype=torch.bool))
+    logits, values, aux = ours(windows)
+    ref_logits, ref_values = theirs.get_action_and_value(x.float())
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(values, ref_values.squeeze(-1))
+    assert float(aux) == 0.0 and ours.store is None and ours.moe_layers == []
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in theirs.parameters()) == \
+        CNNAgentConfig().estimate_params()["total"]
+
+
+def test_cnn_agent_layers_are_orthogonal_with_cleanrls_gains_and_zero_biases():
+    agent = CNNAgent(CNNAgentConfig(), "cpu")
+    layers = [m for m in agent.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    gains = [np.sqrt(2)] * 4 + [0.01, 1.0]
+    assert [m.weight.shape[0] for m in layers] == [32, 64, 64, 512, 18, 1]
+    for layer, gain in zip(layers, gains):
+        w = layer.weight.detach().flatten(1)          # [out, in], out <= in: orthonormal rows
+        torch.testing.assert_close(w @ w.T, gain ** 2 * torch.eye(w.shape[0]), atol=1e-5,
+                                   rtol=1e-4)
+        assert torch.all(layer.bias == 0)
+    with pytest.raises(ValueError, match=r"\[batch, 4, 84, 84\]"):
+        agent.encode(torch.zeros(2, 3, 84, 84, dtype=torch.uint8))

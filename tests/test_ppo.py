@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ooc_moe.agent import ContextWindows, MoERLAgentConfig
+from ooc_moe.agent import CNNAgent, CNNAgentConfig, ContextWindows, MoERLAgentConfig
 from ooc_moe.train import PPOArgs, PPOTrainer, RolloutBuffer
 
 SMALL = dict(num_experts=8, expert_dim=16, expert_hidden=32, num_layers=2, num_heads=2,
@@ -123,6 +123,76 @@ def test_the_first_minibatch_reproduces_the_rollout_policy(monkeypatch):
     b = trainer.buffer
     newlogprob = torch.distributions.Categorical(logits=logits).log_prob(b.actions.flatten())
     assert torch.allclose(newlogprob, b.logprobs.flatten(), atol=1e-6)
+    agent.store.shutdown()
+
+
+def test_cnn_minibatches_are_cleanrls_random_steps_and_reproduce_the_rollout(monkeypatch):
+    """Without a window, each epoch's minibatches are a random partition of all (step, env)
+    pairs, as CleanRL's; in rollout order, the first update sees the rollout's policy."""
+    torch.manual_seed(0)
+    args = PPOArgs(num_envs=2, num_steps=6, num_minibatches=2, update_epochs=1)
+    agent = CNNAgent(CNNAgentConfig(num_envs=2), "cpu")
+    trainer = PPOTrainer(agent, args)
+    env = FixedEnv(2)
+    state = trainer.start(env, 0)
+    trainer.collect(env, state, 0)
+    assert trainer.buffer.prefix == 0
+    batches = list(trainer.minibatches())
+    assert [len(i) for i, _ in batches] == [6, 6]
+    inds = torch.cat([i for i, _ in batches])
+    assert sorted(inds.tolist()) == list(range(12))
+    assert inds.tolist() != list(range(12))                  # shuffled over steps and envs
+    frames = trainer.buffer.frames.flatten(0, 1)             # step-major, as the b_* buffers
+    for mb_inds, windows in batches:
+        assert windows.shape == (6, 1, 512)
+        torch.testing.assert_close(windows[:, 0], agent.encode(frames[mb_inds]))
+
+    import ooc_moe.train.ppo as ppo
+    monkeypatch.setattr(ppo.torch, "randperm", lambda n: torch.arange(n))
+    seen, original = [], agent.forward
+
+    def spy(windows, games=None):
+        out = original(windows, games)
+        seen.append(out[0].detach())
+        return out
+
+    agent.forward = spy
+    adv, ret = trainer.advantages(state["next_value"], state["new_episode"].float())
+    logs = trainer.update(adv, ret)
+    newlogprob = torch.distributions.Categorical(logits=seen[0]).log_prob(
+        trainer.buffer.actions.flatten()[:6])
+    assert torch.allclose(newlogprob, trainer.buffer.logprobs.flatten()[:6], atol=1e-6)
+    assert logs["losses/grad_norm"] > 0
+
+
+def test_the_logged_gradient_norm_is_the_global_one_before_clipping():
+    """An MoE agent: ``losses/grad_norm`` is the norm over dense and expert gradients before
+    clipping (recomputed here from the parameters' and records' gradients)."""
+    torch.manual_seed(0)
+    args = PPOArgs(num_envs=2, num_steps=4, num_minibatches=1, update_epochs=1,
+                   max_grad_norm=1e9)                         # nothing clipped
+    agent = MoERLAgentConfig(**SMALL).create_agent("cpu")
+    trainer = PPOTrainer(agent, args)
+    env = FixedEnv(2)
+    state = trainer.start(env, 0)
+    trainer.collect(env, state, 0)
+    adv, ret = trainer.advantages(state["next_value"], state["new_episode"].float())
+    seen = {}
+    step = trainer.expert_opt.step
+
+    def spy():                # just before the update: every gradient, dense and expert
+        store = agent.store
+        dense = sum(float(p.grad.pow(2).sum()) for p in agent.parameters()
+                    if p.grad is not None)
+        experts = sum(float(store.read_expert(e)["grad"].pow(2).sum())
+                      for e in store.experts_with_grad)
+        seen["norm"], seen["experts"] = (dense + experts) ** 0.5, experts
+        return step()
+
+    trainer.expert_opt.step = spy
+    logs = trainer.update(adv, ret)
+    assert seen["experts"] > 0
+    assert logs["losses/grad_norm"] == pytest.approx(seen["norm"], rel=1e-5)
     agent.store.shutdown()
 
 

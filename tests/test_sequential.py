@@ -159,7 +159,7 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("baseline", ["moe", "dense"])
+@pytest.mark.parametrize("baseline", ["moe", "dense", "cnn"])
 def test_resume_at_a_stage_boundary_matches_an_uninterrupted_run(tmp_path, monkeypatch,
                                                                  baseline):
     # no detector: its replay buffer is not checkpointed (the agent's math never reads it)
@@ -183,9 +183,52 @@ def test_resume_at_a_stage_boundary_matches_an_uninterrupted_run(tmp_path, monke
     assert resumed["initial"] == whole["initial"]
     key = "losses/value_loss"
     assert [h[key] for h in resumed["history"]] == [h[key] for h in whole["history"]]
+    assert resumed["params"] == whole["agent"].config.estimate_params()
     for run in (whole, resumed):
         if run["agent"].store is not None:
             run["agent"].store.shutdown()
+
+
+CLEANRL_TAGS = {"charts/episodic_return", "charts/episodic_length", "charts/SPS",
+                "charts/learning_rate", "losses/value_loss", "losses/policy_loss",
+                "losses/entropy", "losses/old_approx_kl", "losses/approx_kl", "losses/clipfrac",
+                "losses/explained_variance"}
+
+
+def tensorboard_scalars(run_dir, tag=None):
+    """The run's TensorBoard scalars read back by TensorBoard itself: all tags, or ``tag``'s
+    ``(step, value)`` events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    if tag is None:
+        return set(events.Tags()["scalars"])
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize("baseline", ["moe", "cnn"])
+def test_tensorboard_files_hold_cleanrls_tags_and_the_store_figures(tmp_path, baseline):
+    # episodes of the synthetic games last 200 steps: 13 rollouts of 16 steps finish some
+    args = tiny(baseline=baseline, games=("synthetic-0",), steps_per_game=13 * 64,
+                out=str(tmp_path))
+    metrics = train(args, progress=False)
+    tags = tensorboard_scalars(tmp_path)
+    assert CLEANRL_TAGS <= tags
+    assert {"losses/grad_norm", "eval/synthetic-0"} <= tags
+    store_tags = {"store/hit_rate", "store/prefetch_precision", "store/bytes_dram_to_hbm",
+                  "routing/mutual_information", "routing/router_entropy"}
+    assert store_tags <= tags if baseline == "moe" else not tags & store_tags
+    history = metrics["history"]
+    assert tensorboard_scalars(tmp_path, "charts/SPS") == [
+        (h["global_step"], pytest.approx(h["charts/SPS"])) for h in history]
+    returns = [r for h in history for r in h["charts/episodic_returns"]]
+    assert returns and [v for _, v in tensorboard_scalars(
+        tmp_path, "charts/episodic_return")] == pytest.approx(returns)
+    assert [s for s, _ in tensorboard_scalars(tmp_path, "eval/synthetic-0")] == [0, 13 * 64]
+    lrs = [v for _, v in tensorboard_scalars(tmp_path, "charts/learning_rate")]
+    assert lrs[0] == pytest.approx(args.ppo.learning_rate) and lrs[1] < lrs[0]   # annealed
+    if metrics["agent"].store is not None:
+        metrics["agent"].store.shutdown()
 
 
 TINY_CLI = ["--num_experts", "8", "--expert_dim", "16", "--expert_hidden_dim", "32",
@@ -226,6 +269,11 @@ def test_a_run_killed_mid_stage_resumes_and_loses_only_work_since_its_checkpoint
     assert iterations == [(g, i) for g in range(2) for i in range(16)]   # no gap, no repeat
     assert [h["losses/value_loss"] for h in metrics["history"][:len(before)]] == before
     assert args_from_json(metrics["args"]).checkpoint_every == 2
+    # TensorBoard: the killed run's events after its checkpoint are purged, one per update
+    events = tensorboard_scalars(out, "losses/value_loss")
+    assert [step for step, _ in events] == [h["global_step"] for h in metrics["history"]]
+    assert [v for _, v in events] == pytest.approx([h["losses/value_loss"]
+                                                    for h in metrics["history"]])
 
 
 def test_cli_refuses_to_resume_nothing_and_to_overwrite_a_checkpoint(tmp_path):

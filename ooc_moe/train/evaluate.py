@@ -45,9 +45,8 @@ def evaluate(trainer: PPOTrainer, env, game_index: int, args: EvalArgs) -> dict:
     the cap), ``steps`` and ``routing`` (per MoE layer, expert choice counts)."""
     agent = trainer.agent
     device, n = trainer.device, args.episodes
-    cfg = agent.config
-    windows = ContextWindows(n, cfg.context_len, cfg.expert_dim, device)
-    counts = [np.zeros((1, cfg.num_experts)) for _ in agent.moe_layers]
+    windows = ContextWindows(n, agent.context_len, agent.token_dim, device)
+    counts = [np.zeros((1, layer.expert_store.num_experts)) for layer in agent.moe_layers]
     games = torch.full((n,), game_index, dtype=torch.long, device=device)
     returns, done = np.zeros(n), np.zeros(n, dtype=bool)
     cuda = [device.index or 0] if device.type == "cuda" else []

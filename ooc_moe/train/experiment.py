@@ -1,4 +1,5 @@
-"""The comparison the package exists for: MoE (token / env routing) vs dense, over seeds.
+"""The comparison the package exists for: MoE (token / env routing) vs dense, over seeds, with
+CleanRL's plain CNN agent (``cnn``) as the anchor of what PPO learns in the same budget.
 
 ``run_experiment`` trains one run per (kind, seed) into ``OUT/<kind>-seed<seed>/`` with the
 same games, schedule, evaluation and active parameters, then writes ``OUT/summary.json``. A
@@ -25,7 +26,8 @@ __all__ = ["RUN_KINDS", "run_experiment", "summarize", "format_summary", "format
 
 RUN_KINDS = {"token": {"baseline": "moe", "routing": "token"},
              "env": {"baseline": "moe", "routing": "env"},
-             "dense": {"baseline": "dense", "routing": "token"}}
+             "dense": {"baseline": "dense", "routing": "token"},
+             "cnn": {"baseline": "cnn", "routing": "token"}}
 
 
 def run_experiment(base: TrainArgs, kinds: Sequence[str], seeds: Sequence[int],

@@ -7,10 +7,13 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
 
 - the policy reads a window of ``context_len`` observations, so minibatches are drawn by
   *environment* (as CleanRL's ``ppo_atari_lstm.py``) and the windows are rebuilt from the
-  rollout's frames (plus the frames before it), re-encoded with the current encoder;
+  rollout's frames (plus the frames before it), re-encoded with the current encoder; an agent
+  without a window (``context_len == 1``: ``CNNAgent``) gets CleanRL's random minibatches over
+  all steps and environments;
 - the MoE auxiliary losses are added to the loss; experts are trained by ``ExpertOptimizer``
   (their gradients live in the expert records), dense parameters by ``torch.optim.Adam``;
-  gradient clipping covers the dense parameters only;
+  the global gradient norm is clipped over both together (``clip_grad_norm_``) and logged
+  before clipping as ``losses/grad_norm`` (mean over the update's minibatches);
 - episodes autoreset in the same step (``SameStep``); truncated episodes are not bootstrapped
   (as CleanRL); rewards are clipped to their sign for learning, returns reported raw;
 - a lost life ends the episode *for GAE only* (``life_loss_terminal``, CleanRL's
@@ -29,7 +32,7 @@ from torch.distributions import Categorical
 
 from ..agent import ContextWindows
 from ..metrics import router_entropy
-from ..moe import ExpertOptimizer
+from ..moe.optim import ExpertOptimizer, clip_grad_norm_
 
 __all__ = ["PPOArgs", "RolloutBuffer", "PPOTrainer"]
 
@@ -42,18 +45,19 @@ class PPOArgs:
     anneal_lr: bool = True       # anneal the learning rate linearly to 0 over a game
     gamma: float = 0.99          # discount
     gae_lambda: float = 0.95     # GAE lambda
-    num_minibatches: int = 4     # minibatches per epoch (drawn by environment)
+    num_minibatches: int = 4     # minibatches per epoch (by environment with a window)
     update_epochs: int = 4       # epochs per update
     norm_adv: bool = True        # normalise advantages per minibatch
     clip_coef: float = 0.1       # surrogate clipping
     clip_vloss: bool = True      # clipped value loss
     ent_coef: float = 0.01       # entropy bonus
     vf_coef: float = 0.5         # value loss coefficient
-    max_grad_norm: float = 0.5   # gradient clipping (dense parameters)
+    max_grad_norm: float = 0.5   # clip the global gradient norm (dense and experts)
     target_kl: float | None = None  # stop the epochs early past this KL
     life_loss_terminal: bool = True  # a lost life ends the episode for GAE (EpisodicLifeEnv)
     # filled in at runtime
     batch_size: int = field(init=False)
+    minibatch_size: int = field(init=False)      # steps per minibatch
     envs_per_minibatch: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +65,7 @@ class PPOArgs:
             raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches="
                              f"{self.num_minibatches} (minibatches are drawn by environment)")
         self.batch_size = self.num_envs * self.num_steps
+        self.minibatch_size = self.batch_size // self.num_minibatches
         self.envs_per_minibatch = self.num_envs // self.num_minibatches
 
 
@@ -113,12 +118,12 @@ class PPOTrainer:
         self.detector_updates = detector_updates
         cfg = agent.config
         self.obs_shape = (cfg.obs_shape[0] * cfg.frame_stack, *cfg.obs_shape[1:])
-        self.buffer = RolloutBuffer(args, self.obs_shape, cfg.context_len, self.device)
-        self.windows = ContextWindows(args.num_envs, cfg.context_len, cfg.expert_dim,
+        self.buffer = RolloutBuffer(args, self.obs_shape, agent.context_len, self.device)
+        self.windows = ContextWindows(args.num_envs, agent.context_len, agent.token_dim,
                                       self.device)
         # per MoE layer, [games, experts] counts of the rollouts' routing, and router entropy
-        self.routing_counts = [np.zeros((cfg.num_envs, cfg.num_experts))
-                               for _ in agent.moe_layers]
+        self.routing_counts = [np.zeros((cfg.num_envs, layer.expert_store.num_experts))
+                               for layer in agent.moe_layers]
         self.router_entropies: list[float] = []
 
     # -- acting ------------------------------------------------------------------------------
@@ -149,7 +154,7 @@ class PPOTrainer:
 
     def _routing_games(self, obs: torch.Tensor, games: torch.Tensor) -> torch.Tensor | None:
         """For ``routing='env'``: the game the detector sees (the true one without one)."""
-        if self.agent.config.routing != "env":
+        if not self.agent.routes_by_game:
             return None
         if self.detector_trainer is None:
             return games
@@ -222,40 +227,56 @@ class PPOTrainer:
             advantages[t] = lastgaelam
         return advantages, advantages + b.values
 
-    def update(self, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
-        """PPO epochs over minibatches of environments; returns the last losses."""
+    def minibatches(self):
+        """One epoch's minibatches: ``(mb_inds, windows)``, ``mb_inds`` into the flattened
+        ``[num_steps * num_envs]`` (step-major) buffers, ``windows [len(mb_inds), T, dim]``
+        encoded with the current encoder. By environment with a window (its steps in order,
+        rebuilt from the frames), CleanRL's random minibatches of steps without one."""
         args, b, agent = self.args, self.buffer, self.agent
-        T = agent.config.context_len
-        index = b.window_index(T)                                   # [S, N, T]
-        logs = {}
-        clipfracs = []
+        S, N, T = args.num_steps, args.num_envs, agent.context_len
+        if T == 1:
+            frames = b.frames.flatten(0, 1)                           # [S*N, C, H, W]
+            for mb_inds in torch.randperm(args.batch_size).split(args.minibatch_size):
+                yield mb_inds, agent.encode(frames[mb_inds].to(self.device))[:, None]
+            return
+        index = b.window_index(T)                                     # [S, N, T]
+        for mb_envs in torch.randperm(N).split(args.envs_per_minibatch):
+            n = len(mb_envs)
+            frames = b.frames[:, mb_envs].to(self.device)              # [P+S, n, C, H, W]
+            tokens = agent.encode(frames.flatten(0, 1)).view(frames.shape[0], n, -1)
+            idx = index[:, mb_envs].to(self.device)                   # [S, n, T]
+            windows = tokens[idx, torch.arange(n, device=self.device)[None, :, None]]
+            mb_inds = (torch.arange(S)[:, None] * N + mb_envs[None, :]).flatten()
+            yield mb_inds, windows.flatten(0, 1)                      # [S*n, T, dim]
+
+    def update(self, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
+        """PPO epochs over ``minibatches``; returns the last losses (CleanRL's names)."""
+        args, b, agent = self.args, self.buffer, self.agent
+        b_logprobs, b_actions, b_values = (b.logprobs.flatten(), b.actions.flatten(),
+                                           b.values.flatten())
+        b_advantages, b_returns, b_games = (advantages.flatten(), returns.flatten(),
+                                            b.games.flatten())
+        clipfracs, grad_norms = [], []
         for _ in range(args.update_epochs):
-            for mb_envs in torch.randperm(args.num_envs).split(args.envs_per_minibatch):
-                n = len(mb_envs)
-                frames = b.frames[:, mb_envs].to(self.device)        # [P+S, n, C, H, W]
-                tokens = agent.encode(frames.flatten(0, 1)).view(frames.shape[0], n, -1)
-                idx = index[:, mb_envs].to(self.device)             # [S, n, T]
-                windows = tokens[idx, torch.arange(n, device=self.device)[None, :, None]]
-                windows = windows.flatten(0, 1)                     # [S*n, T, dim]
-                games = b.games[:, mb_envs].flatten()
+            for mb_inds, windows in self.minibatches():
+                mb_inds = mb_inds.to(self.device)
                 logits, newvalue, aux = agent(
-                    windows, games if agent.config.routing == "env" else None)
+                    windows, b_games[mb_inds] if agent.routes_by_game else None)
                 dist = Categorical(logits=logits)
-                mb_actions = b.actions[:, mb_envs].flatten()
-                newlogprob, entropy = dist.log_prob(mb_actions), dist.entropy()
-                logratio = newlogprob - b.logprobs[:, mb_envs].flatten()
+                newlogprob, entropy = dist.log_prob(b_actions[mb_inds]), dist.entropy()
+                logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
                 with torch.no_grad():
+                    old_approx_kl = (-logratio).mean()
                     approx_kl = ((ratio - 1) - logratio).mean()
                     clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean()
                                      .item())
-                mb_adv = advantages[:, mb_envs].flatten()
+                mb_adv = b_advantages[mb_inds]
                 if args.norm_adv:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
                 pg_loss = torch.max(-mb_adv * ratio, -mb_adv * torch.clamp(
                     ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
-                mb_returns = returns[:, mb_envs].flatten()
-                mb_values = b.values[:, mb_envs].flatten()
+                mb_returns, mb_values = b_returns[mb_inds], b_values[mb_inds]
                 if args.clip_vloss:
                     v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef,
                                                         args.clip_coef)
@@ -267,22 +288,23 @@ class PPOTrainer:
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef + aux
                 self.dense_opt.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                grad_norms.append(clip_grad_norm_(agent.parameters(), args.max_grad_norm,
+                                                  self.expert_opt))
                 self.dense_opt.step()
                 if self.expert_opt is not None:
                     self.expert_opt.step()
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
-        y_pred, y_true = b.values.flatten().cpu().numpy(), returns.flatten().cpu().numpy()
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
-        logs.update({"losses/value_loss": v_loss.item(), "losses/policy_loss": pg_loss.item(),
-                     "losses/entropy": entropy_loss.item(), "losses/aux_loss": aux.item(),
-                     "losses/approx_kl": approx_kl.item(),
-                     "losses/clipfrac": float(np.mean(clipfracs)),
-                     "losses/explained_variance":
-                         float("nan") if var_y == 0 else float(1 - np.var(y_true - y_pred)
-                                                               / var_y)})
-        return logs
+        return {"losses/value_loss": v_loss.item(), "losses/policy_loss": pg_loss.item(),
+                "losses/entropy": entropy_loss.item(), "losses/aux_loss": aux.item(),
+                "losses/old_approx_kl": old_approx_kl.item(),
+                "losses/approx_kl": approx_kl.item(),
+                "losses/clipfrac": float(np.mean(clipfracs)),
+                "losses/grad_norm": float(torch.stack(grad_norms).mean()),
+                "losses/explained_variance":
+                    float("nan") if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)}
 
     def set_learning_rate(self, lr: float) -> None:
         for group in self.dense_opt.param_groups:
@@ -305,6 +327,7 @@ class PPOTrainer:
         advantages, returns = self.advantages(state["next_value"],
                                               state["next_done"].float().to(self.device))
         logs = self.update(advantages, returns)
+        logs["charts/learning_rate"] = self.dense_opt.param_groups[0]["lr"]
         logs["charts/SPS"] = self.args.batch_size / (time.perf_counter() - started)
         logs["charts/episodic_returns"] = [r for r, _ in finished]
         logs["charts/episodic_lengths"] = [n for _, n in finished]

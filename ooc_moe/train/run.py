@@ -8,17 +8,22 @@
 Each update logs CleanRL's charts and losses plus the store's ``store/*`` figures (hit rate
 per tier, prefetch precision and coverage, bytes per link), the normalised mutual information
 between game and expert choice and the router entropy. With ``out``: ``metrics.json``
-(rewritten after every update), checkpoints (``checkpoint.py``) to resume from, and at the end
-``retention.csv``, the plots and, with ``trace``, ``trace.npz``.
+(rewritten after every update), TensorBoard event files with CleanRL's tags
+(``charts/episodic_return``, ``charts/SPS``, ``losses/*``, ...; ``store/*``, ``routing/*`` and
+each evaluation's ``eval/<game>``; ``tensorboard --logdir OUT``), checkpoints
+(``checkpoint.py``) to resume from, and at the end ``retention.csv``, the plots and, with
+``trace``, ``trace.npz``.
 
 Resuming restores weights, optimizer states, detector, RNG states and the schedule position;
 the environments of the interrupted stage restart (episodes in flight are lost, as are the
-updates since the last checkpoint) and the store's counters start again from zero.
+updates since the last checkpoint) and the store's counters start again from zero; TensorBoard
+drops the events the interrupted run logged after its checkpoint (``purge_step``).
 """
 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import platform
 import random
@@ -28,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from ..agent import DenseRLAgent, MoERLAgent, MoERLAgentConfig
+from ..agent import CNNAgent, CNNAgentConfig, DenseRLAgent, MoERLAgent, MoERLAgentConfig
 from ..detector import DetectorTrainer, EnvironmentDetector, PrefetchPlanner
 from ..metrics import normalized_mutual_information, prefetch_coverage, prefetch_precision
 from ..scores import average_final_score, forgetting, human_normalized
@@ -41,7 +47,10 @@ from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import EvalArgs, evaluate
 from .ppo import PPOArgs, PPOTrainer
 
-__all__ = ["TrainArgs", "make_env", "build_agent", "train", "args_from_json"]
+__all__ = ["TrainArgs", "make_env", "build_agent", "build_trainer", "train", "args_from_json",
+           "BASELINES"]
+
+BASELINES = ("moe", "dense", "cnn")
 
 
 @dataclass
@@ -51,7 +60,8 @@ class TrainArgs:
     seed: int = 1                   # seeds python, numpy, torch and the environments
     device: str | None = None       # None: cuda if available, else cpu
     out: str | None = None          # write metrics.json (and trace.npz) here
-    baseline: str = "moe"           # "moe", or "dense" (same active parameters)
+    baseline: str = "moe"           # "moe", "dense" (same active parameters) or "cnn"
+                                    # (CleanRL's ppo_atari.py agent: no window, no experts)
     routing: str = "token"          # "token" or "env" (router also sees the detected game)
     num_experts: int = 64
     expert_dim: int = 128
@@ -77,13 +87,16 @@ class TrainArgs:
         if len(set(self.games)) != len(self.games):
             raise ValueError(f"games {list(self.games)} name a game twice: each game is one "
                              "stage and one column of the retention matrix")
-        if self.baseline not in ("moe", "dense"):
-            raise ValueError(f"baseline must be 'moe' or 'dense', got {self.baseline!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if self.steps_per_game < self.ppo.batch_size:
             raise ValueError(f"steps_per_game={self.steps_per_game} is less than one rollout "
                              f"(num_envs x num_steps = {self.ppo.batch_size})")
 
-    def agent_config(self) -> MoERLAgentConfig:
+    def agent_config(self) -> MoERLAgentConfig | CNNAgentConfig:
+        """The agent's sizes (the cnn baseline has its fixed ones)."""
+        if self.baseline == "cnn":
+            return CNNAgentConfig(num_envs=len(self.games))
         return MoERLAgentConfig(
             num_envs=len(self.games), num_experts=self.num_experts, expert_dim=self.expert_dim,
             expert_hidden=self.expert_hidden_dim, num_layers=self.num_layers,
@@ -104,8 +117,10 @@ def make_env(game: str, num_envs: int, seed: int):
 
 def build_agent(args: TrainArgs, store_dir: Path | None = None, *, reopen: bool = False):
     """The MoE agent (its expert file in ``store_dir``, a temporary one without; ``reopen``:
-    the file already there, from a checkpoint) or the dense baseline."""
+    the file already there, from a checkpoint), the dense or the cnn baseline."""
     config = args.agent_config()
+    if args.baseline == "cnn":
+        return CNNAgent(config, args.device)
     if args.baseline == "dense":
         return DenseRLAgent(config, args.device)
     if reopen:
@@ -119,6 +134,21 @@ def build_agent(args: TrainArgs, store_dir: Path | None = None, *, reopen: bool 
                                   config.hbm_cap, config.dram_cap, args.device, path=store_dir,
                                   seed=args.seed, optimizer_state=True, overwrite=True)
     return MoERLAgent(config, store=store)
+
+
+def build_trainer(args: TrainArgs, agent) -> PPOTrainer:
+    """The PPO trainer of ``agent``; for the MoE agent with ``args.detector`` (or env routing)
+    also the environment detector, trained online, and its prefetch planner."""
+    planner = detector_trainer = None
+    if args.baseline == "moe" and (args.detector or args.routing == "env"):
+        cfg = agent.config
+        detector = EnvironmentDetector(cfg.obs_shape, len(args.games), cfg.num_experts,
+                                       hidden_dim=128, num_layers=cfg.num_layers
+                                       ).to(next(agent.parameters()).device)
+        detector_trainer = DetectorTrainer(detector, seed=args.seed)
+        if args.detector:
+            planner = PrefetchPlanner(agent.store, detector, keep_history=False)
+    return PPOTrainer(agent, args.ppo, planner=planner, detector_trainer=detector_trainer)
 
 
 def _store_figures(store, before: dict) -> dict:
@@ -152,17 +182,10 @@ class _Run:
                              f"--resume {self.dir}, or choose another --out")
         _seed_everything(args.seed)
         self.agent = build_agent(args, store_dir, reopen=resume)
-        device = next(self.agent.parameters()).device
-        self.planner = self.detector_trainer = None
-        if args.baseline == "moe" and (args.detector or args.routing == "env"):
-            cfg = self.agent.config
-            detector = EnvironmentDetector(cfg.obs_shape, len(args.games), cfg.num_experts,
-                                           hidden_dim=128, num_layers=cfg.num_layers).to(device)
-            self.detector_trainer = DetectorTrainer(detector, seed=args.seed)
-            if args.detector:
-                self.planner = PrefetchPlanner(self.agent.store, detector, keep_history=False)
-        self.trainer = PPOTrainer(self.agent, args.ppo, planner=self.planner,
-                                  detector_trainer=self.detector_trainer)
+        self.trainer = build_trainer(args, self.agent)
+        self.planner, self.detector_trainer = (self.trainer.planner,
+                                               self.trainer.detector_trainer)
+        self.writer: SummaryWriter | None = None       # opened by train() with out
         self.game_index, self.iteration = 0, 0
         self.history: list[dict] = []
         self.initial: list[float] | None = None       # scores of the untrained agent
@@ -215,6 +238,8 @@ class _Run:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def checkpoint(self, started: float) -> None:
+        if self.writer is not None:
+            self.writer.flush()                 # the events up to the checkpoint are on disk
         if self.dir is not None:
             state = self.state()
             state["seconds"] = self.seconds_now(started)
@@ -222,6 +247,28 @@ class _Run:
 
     def seconds_now(self, started: float) -> float:
         return self.seconds + time.perf_counter() - started
+
+    def steps_done(self) -> int:
+        """Environment steps trained so far, all stages together (TensorBoard's step)."""
+        iterations = self.args.steps_per_game // self.args.ppo.batch_size
+        return (self.game_index * iterations + self.iteration) * self.args.ppo.batch_size
+
+    def log_update(self, logs: dict) -> None:
+        """One update's scalars to TensorBoard under CleanRL's tags, at its global step."""
+        if self.writer is None:
+            return
+        step = logs["global_step"]
+        for r, n in zip(logs["charts/episodic_returns"], logs["charts/episodic_lengths"]):
+            self.writer.add_scalar("charts/episodic_return", r, step)
+            self.writer.add_scalar("charts/episodic_length", n, step)
+        for key, value in logs.items():
+            if "/" in key and isinstance(value, numbers.Real):
+                self.writer.add_scalar(key, value, step)
+
+    def log_evaluation(self, row: list[dict]) -> None:
+        if self.writer is not None:
+            for game, result in zip(self.args.games, row):
+                self.writer.add_scalar(f"eval/{game}", result["score"], self.steps_done())
 
     # -- the protocol ---------------------------------------------------------------------
     def evaluate_all(self) -> list[dict]:
@@ -264,6 +311,7 @@ class _Run:
                     logs["routing/router_entropy"] = float(np.mean(trainer.router_entropies[
                         -args.ppo.num_steps:]))
                 self.history.append(logs)
+                self.log_update(logs)
                 self.iteration = it + 1
                 if args.checkpoint_every and (self.iteration % args.checkpoint_every == 0
                                               or self.iteration == iterations):
@@ -298,6 +346,10 @@ def train(args: TrainArgs, progress: bool = True, *, resume: bool = False,
     if trace is not None:
         agent.store.trace = trace
 
+    if args.out:                 # on resume, drop the events logged after the checkpoint
+        run.writer = SummaryWriter(args.out, purge_step=run.steps_done() + 1 if resume
+                                   else None)
+
     def write(finished: bool = False) -> dict:
         metrics = _metrics(run, run.seconds_now(started), command, finished)
         if args.out:
@@ -309,9 +361,11 @@ def train(args: TrainArgs, progress: bool = True, *, resume: bool = False,
             row = run.evaluate_all()
             run.initial = [e["score"] for e in row]
             run.initial_returns = [e["returns"] for e in row]
+            run.log_evaluation(row)
         while run.game_index < len(args.games):
             run.train_stage(progress, started, write)
             row = run.evaluate_all()
+            run.log_evaluation(row)
             run.evaluations.append(row)
             run.retention.append([e["score"] for e in row])
             run.game_index, run.iteration = run.game_index + 1, 0
@@ -320,6 +374,8 @@ def train(args: TrainArgs, progress: bool = True, *, resume: bool = False,
     finally:
         if agent.store is not None:
             agent.store.trace = None
+        if run.writer is not None:
+            run.writer.close()
     metrics = write(finished=True)
     if args.out:
         out = Path(args.out)
@@ -397,8 +453,8 @@ def _write_retention_csv(path: Path, metrics: dict) -> None:
 def _jsonable(args: TrainArgs) -> dict:
     d = asdict(args)
     d["games"] = list(args.games)
-    d["ppo"].pop("batch_size")
-    d["ppo"].pop("envs_per_minibatch")
+    for derived in ("batch_size", "minibatch_size", "envs_per_minibatch"):
+        d["ppo"].pop(derived)
     return d
 
 
