@@ -1,11 +1,13 @@
 """Command line: ``python -m ooc_moe COMMAND`` (``-h`` lists the commands and options).
 
-test, train, train-atari, experiment, demo, bench, store-demo.
+test, train, train-atari, experiment, demo, bench, store-demo. The training commands' flags
+are grouped by the dataclass they set (``TrainArgs``, ``PPOArgs``, ``EvalArgs``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -15,6 +17,8 @@ from . import bench
 from .smoke import run_smoke
 from .store import TieredExpertStore
 from .store.stats import LINKS
+from .train.evaluate import EvalArgs
+from .train.ppo import PPOArgs
 from .workloads import access_pattern, game_blocks, replay
 
 
@@ -22,7 +26,8 @@ def _bench(args: argparse.Namespace) -> None:
     results = {}
     for name, config, run in (("store", bench.StoreBenchConfig, bench.bench_store),
                               ("layer", bench.LayerBenchConfig, bench.bench_layer),
-                              ("sim", bench.SimBenchConfig, bench.bench_sim)):
+                              ("sim", bench.SimBenchConfig, bench.bench_sim),
+                              ("train", bench.TrainBenchConfig, bench.bench_train)):
         if args.what in (name, "all"):
             make = config.quick if args.quick else config
             results[name] = run(make(device=args.device, directory=args.dir))
@@ -84,18 +89,20 @@ def _games(args: argparse.Namespace, atari: bool | None) -> list[str]:
 
 def _train_args(args: argparse.Namespace, atari: bool) -> "TrainArgs":
     """Build and check the whole configuration before any work starts."""
-    from .train import EvalArgs, PPOArgs, TrainArgs
+    from .train import TrainArgs
 
+    ppo = {f.name: getattr(args, f.name) for f in dataclasses.fields(PPOArgs) if f.init}
     train_args = TrainArgs(
         games=tuple(_games(args, atari)), steps_per_game=args.steps_per_game, seed=args.seed,
         device=args.device, out=args.out, baseline=args.baseline, routing=args.routing,
         num_experts=args.num_experts, expert_dim=args.expert_dim,
         expert_hidden_dim=args.expert_hidden_dim, num_layers=args.num_layers,
         num_heads=args.num_heads, top_k=args.top_k, context_len=args.context_len,
-        hbm_capacity=args.hbm_capacity, dram_capacity=args.dram_capacity, trace=args.trace,
-        checkpoint_every=args.checkpoint_every,
-        ppo=PPOArgs(num_envs=args.num_envs, num_steps=args.num_steps),
-        eval=EvalArgs(episodes=args.eval_episodes, max_steps=args.eval_max_steps))
+        hbm_capacity=args.hbm_capacity, dram_capacity=args.dram_capacity,
+        load_balance_coef=args.load_balance_coef, detector=args.detector, trace=args.trace,
+        checkpoint_every=args.checkpoint_every, ppo=PPOArgs(**ppo),
+        eval=EvalArgs(episodes=args.eval_episodes, max_steps=args.eval_max_steps,
+                      seed=args.eval_seed))
     train_args.agent_config()                                 # sizes and capacities
     return train_args
 
@@ -161,34 +168,100 @@ def _experiment(args: argparse.Namespace) -> None:
           f"summary: {base.out}/summary.json")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` to help lines that do not speak of their default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# PPOArgs' fields, each a flag of the same name (type and default from the dataclass)
+PPO_HELP = {
+    "num_envs": "parallel environments",
+    "num_steps": "rollout steps per environment per update",
+    "learning_rate": "Adam learning rate of dense parameters and experts",
+    "anneal_lr": "anneal the learning rate linearly to 0 over each game",
+    "gamma": "discount factor",
+    "gae_lambda": "GAE lambda",
+    "num_minibatches": "minibatches per epoch (drawn by environment for windowed agents)",
+    "update_epochs": "PPO epochs per update",
+    "norm_adv": "normalise advantages per minibatch",
+    "clip_coef": "surrogate (and value) clipping coefficient",
+    "clip_vloss": "use the clipped value loss",
+    "ent_coef": "entropy bonus coefficient",
+    "vf_coef": "value loss coefficient",
+    "max_grad_norm": "clip the global gradient norm (dense parameters and experts) to this",
+    "target_kl": "stop an update's epochs early past this approximate KL (default: never)",
+    "life_loss_terminal": "a lost life ends the episode for GAE (CleanRL's EpisodicLifeEnv)",
+}
+
+
+def _add_dataclass_flags(group, cls, help: dict) -> None:
+    """One flag per init field of ``cls``, its default the dataclass's."""
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if isinstance(f.default, bool):
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+                               default=f.default, help=help[f.name])
+        else:
+            group.add_argument(f"--{f.name}", type=float if f.default is None
+                               else type(f.default), default=f.default, help=help[f.name])
+
+
 def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> None:
-    p.add_argument("--games", default=None, help="comma-separated games, played in order")
-    p.add_argument("--num_games", type=int, default=None,
-                   help=f"the first N of --games (default: all of them, or {4 if atari else 2})")
-    p.add_argument("--steps_per_game", type=int, default=100_000 if atari else 20_000)
-    p.add_argument("--num_experts", type=int, default=64)
-    p.add_argument("--expert_dim", type=int, default=128)
-    p.add_argument("--expert_hidden_dim", type=int, default=256)
-    p.add_argument("--num_layers", type=int, default=2)
-    p.add_argument("--num_heads", type=int, default=4)
-    p.add_argument("--top_k", type=int, default=2)
-    p.add_argument("--hbm_capacity", type=int, default=16)
-    p.add_argument("--dram_capacity", type=int, default=64)
-    p.add_argument("--context_len", type=int, default=8)
-    p.add_argument("--routing", choices=["token", "env"], default="token")
-    p.add_argument("--baseline", choices=["moe", "dense"], default="moe")
-    p.add_argument("--num_envs", type=int, default=8)
-    p.add_argument("--num_steps", type=int, default=128, help="rollout steps per env")
-    p.add_argument("--eval_episodes", type=int, default=8,
-                   help="episodes per game in each evaluation (fixed seeds)")
-    p.add_argument("--eval_max_steps", type=int, default=2000,
-                   help="cap on an evaluation episode's steps (its score so far counts)")
-    p.add_argument("--checkpoint_every", type=int, default=0,
-                   help="also checkpoint every N updates (always after each stage)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="directory for metrics.json, checkpoints, plots")
-    p.add_argument("--trace", action="store_true", help="record every store call")
+    run = p.add_argument_group("run (TrainArgs)")
+    run.add_argument("--games", default=None, help="comma-separated games, played in order "
+                     "(ALE names, or synthetic-N)")
+    run.add_argument("--num_games", type=int, default=None,
+                     help=f"the first N of --games (default: all of them, or "
+                          f"{4 if atari else 2})")
+    run.add_argument("--steps_per_game", type=int, default=100_000 if atari else 20_000,
+                     help="environment steps per game, all environments together")
+    run.add_argument("--baseline", choices=["moe", "dense", "cnn"], default="moe",
+                     help="moe: the MoE agent; dense: its dense twin (same active "
+                          "parameters); cnn: CleanRL's ppo_atari.py agent (no window)")
+    run.add_argument("--seed", type=int, default=1,
+                     help="seeds python, numpy, torch and the environments")
+    run.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    run.add_argument("--out", default=None, help="directory for metrics.json, TensorBoard "
+                     "events, checkpoints and plots")
+    run.add_argument("--checkpoint_every", type=int, default=0,
+                     help="also checkpoint every N updates (always after each stage)")
+    run.add_argument("--trace", action="store_true",
+                     help="record every store call (OUT/trace.npz)")
+    agent = p.add_argument_group("agent and store (TrainArgs; ignored by --baseline cnn)")
+    agent.add_argument("--num_experts", type=int, default=64,
+                       help="experts in the one pool all MoE layers share")
+    agent.add_argument("--expert_dim", type=int, default=128, help="model width")
+    agent.add_argument("--expert_hidden_dim", type=int, default=256,
+                       help="hidden width of each expert (and of the dense FFN per top_k)")
+    agent.add_argument("--num_layers", type=int, default=2, help="transformer blocks")
+    agent.add_argument("--num_heads", type=int, default=4, help="attention heads per block")
+    agent.add_argument("--top_k", type=int, default=2, help="experts per token")
+    agent.add_argument("--context_len", type=int, default=8,
+                       help="observations in the window the transformer reads")
+    agent.add_argument("--routing", choices=["token", "env"], default="token",
+                       help="token: the router sees the token; env: also the detected game")
+    agent.add_argument("--load_balance_coef", type=float, default=0.01,
+                       help="weight of the router's load-balancing loss")
+    agent.add_argument("--hbm_capacity", type=int, default=16, help="expert slots in HBM")
+    agent.add_argument("--dram_capacity", type=int, default=64,
+                       help="expert slots in DRAM (>= hbm_capacity)")
+    agent.add_argument("--detector", action=argparse.BooleanOptionalAction, default=True,
+                       help="train the environment detector online and prefetch with it "
+                            "(MoE only)")
+    _add_dataclass_flags(p.add_argument_group("PPO (PPOArgs)"), PPOArgs, PPO_HELP)
+    evaluation = p.add_argument_group("evaluation (EvalArgs)")
+    evaluation.add_argument("--eval_episodes", type=int, default=8,
+                            help="episodes per game in each evaluation (fixed seeds)")
+    evaluation.add_argument("--eval_max_steps", type=int, default=2000,
+                            help="cap on an evaluation episode's steps (its score so far "
+                                 "counts)")
+    evaluation.add_argument("--eval_seed", type=int, default=EvalArgs.seed,
+                            help="seed of the evaluation's environments and actions")
     p.set_defaults(**defaults)
 
 
@@ -202,8 +275,11 @@ DEMO = {"games": "pong,breakout,boxing", "steps_per_game": 12_288, "runs": "toke
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ooc_moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="benchmarks, each a ratio against a same-run baseline")
-    b.add_argument("what", choices=["store", "layer", "sim", "all"], help="which benchmark")
+    formatter = _DefaultsFormatter
+    b = sub.add_parser("bench", help="benchmarks, each a ratio against a same-run baseline",
+                       formatter_class=formatter)
+    b.add_argument("what", choices=["store", "layer", "sim", "train", "all"],
+                   help="which benchmark (train: cnn, dense and MoE agents' SPS)")
     b.add_argument("--quick", action="store_true", help="small sizes (seconds, for CI)")
     b.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     b.add_argument("--dir", default=None, help="directory for the expert file (an NVMe disk)")
@@ -211,16 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
     d = sub.add_parser("store-demo", help="replay sequential-game and random expert accesses "
                                           "through a real tiered store (every used expert "
-                                          "dirty)")
-    d.add_argument("--num_experts", type=int, default=256)
-    d.add_argument("--expert_dim", type=int, default=512)
-    d.add_argument("--expert_hidden_dim", type=int, default=2048)
-    d.add_argument("--hbm_capacity", type=int, default=32)
-    d.add_argument("--dram_capacity", type=int, default=128)
-    d.add_argument("--num_games", type=int, default=4)
-    d.add_argument("--steps_per_game", type=int, default=200)
-    d.add_argument("--experts_per_step", type=int, default=8)
-    d.add_argument("--seed", type=int, default=0)
+                                          "dirty)", formatter_class=formatter)
+    d.add_argument("--num_experts", type=int, default=256, help="experts in the store")
+    d.add_argument("--expert_dim", type=int, default=512, help="expert input/output width")
+    d.add_argument("--expert_hidden_dim", type=int, default=2048, help="expert hidden width")
+    d.add_argument("--hbm_capacity", type=int, default=32, help="expert slots in HBM")
+    d.add_argument("--dram_capacity", type=int, default=128, help="expert slots in DRAM")
+    d.add_argument("--num_games", type=int, default=4, help="games played one after another")
+    d.add_argument("--steps_per_game", type=int, default=200, help="steps of each game")
+    d.add_argument("--experts_per_step", type=int, default=8,
+                   help="experts each step fetches")
+    d.add_argument("--seed", type=int, default=0, help="seed of the access patterns")
     d.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     d.add_argument("--dir", default=None, help="directory for the expert file (default: temp)")
     d.set_defaults(func=_store_demo)
@@ -228,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         func=lambda a: run_smoke())
     for name, atari in (("train", False), ("train-atari", True)):
         t = sub.add_parser(name, help=("PPO on real ALE games, one after another" if atari
-                                       else "PPO on synthetic games, one after another"))
+                                       else "PPO on synthetic games, one after another"),
+                           formatter_class=formatter)
         _add_train_flags(t, atari)
         t.add_argument("--resume", default=None, metavar="DIR",
                        help="continue the run saved in DIR (its other flags are kept)")
@@ -238,12 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "games and active parameters; resumes what is unfinished"),
             ("demo", DEMO, "the experiment at demo size: 3 Atari games, MoE and dense, "
                            "~10 min on 2 CPU cores")):
-        e = sub.add_parser(name, help=text)
+        e = sub.add_parser(name, help=text, formatter_class=formatter)
         _add_train_flags(e, True, **defaults)
-        e.add_argument("--runs", default=defaults.get("runs", "token,env,dense"),
-                       help="kinds of run: token, env (MoE routings), dense (baseline)")
-        e.add_argument("--seeds", default=defaults.get("seeds", "1"),
-                       help="comma-separated seeds")
+        runs = e.add_argument_group("experiment (run_experiment)")
+        runs.add_argument("--runs", default=defaults.get("runs", "token,env,dense"),
+                          help="kinds of run: token, env (MoE routings), dense (its dense "
+                               "twin), cnn (CleanRL's agent)")
+        runs.add_argument("--seeds", default=defaults.get("seeds", "1"),
+                          help="comma-separated seeds, one run of each kind per seed")
         e.set_defaults(func=_experiment)
     return parser
 

@@ -1,6 +1,6 @@
 """Benchmarks, each a ratio against a baseline measured in the same run.
 
-Run: ``python -m ooc_moe bench {store,layer,sim,all} [--quick] [--json FILE]``.
+Run: ``python -m ooc_moe bench {store,layer,sim,train,all} [--quick] [--json FILE]``.
 
 ``store``: for each link of the fetch path, the store's throughput divided by the raw copy of
 the same bytes (file -> DRAM: ``preadv`` into one buffer, from the page cache and cold, once per
@@ -16,6 +16,11 @@ a working set 2x and 8x the HBM tier, with and without prefetch: step time and b
 
 ``sim``: accesses per second of the trace simulator per policy, one core (goal for LRU: 1M/s,
 so that widgets redraw at once).
+
+``train``: environment steps per second of PPO training (rollout + update) for the cnn, dense
+and MoE agents at the CLI demo's sizes, in one process on one torch thread, one iteration of
+each in turn so that the machine's load falls on all alike; the ratios MoE/dense (goal
+>= 0.8) and dense/cnn (goal >= 1.0).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from .store.file_tier import BACKENDS, DATA_NAME
 from .store.stats import LINKS
 
 __all__ = ["StoreBenchConfig", "bench_store", "bench_file_tier", "LayerBenchConfig", "bench_layer",
-           "SimBenchConfig", "bench_sim"]
+           "SimBenchConfig", "bench_sim", "TrainBenchConfig", "bench_train"]
 
 
 @dataclass
@@ -473,3 +478,95 @@ def bench_sim(cfg: SimBenchConfig) -> dict:
         print(f"  {policy:<7} {rate / 1e6:5.2f} M accesses/s  (ratio to the 1M/s goal "
               f"{rate / 1e6:.2f})  HBM hit rate {results[policy]['hit_rate']:.3f}")
     return {"config": asdict(cfg), "policies": results}
+
+
+# -- the training benchmark -------------------------------------------------------------------
+@dataclass
+class TrainBenchConfig:
+    game: str = "breakout"
+    agents: tuple = ("cnn", "dense", "moe")
+    iterations: int = 4            # timed PPO iterations (rollout + update) per agent
+    warmup: int = 1                # untimed iterations per agent first
+    num_envs: int = 8
+    num_steps: int = 128
+    # the agents' sizes: those of the CLI's demo (``python -m ooc_moe demo``)
+    num_experts: int = 32
+    expert_dim: int = 64
+    expert_hidden_dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    top_k: int = 2
+    context_len: int = 4
+    hbm_capacity: int = 8
+    dram_capacity: int = 16
+    detector: bool = True          # the MoE agent's online detector and prefetching, as trained
+    threads: int = 1               # torch threads while measuring
+    seed: int = 1
+    device: str | None = None
+    directory: str | None = None   # where the MoE agent's expert file goes (default: temp)
+
+    @classmethod
+    def quick(cls, **kw) -> "TrainBenchConfig":
+        return cls(game="synthetic-0", iterations=2, num_envs=4, num_steps=32, **kw)
+
+
+def bench_train(cfg: TrainBenchConfig) -> dict:
+    """SPS of each agent trained side by side (one iteration of each in turn, the order
+    rotating every round), and the ratios MoE/dense and dense/cnn."""
+    from .train.ppo import PPOArgs
+    from .train.run import TrainArgs, build_agent, build_trainer, make_env
+
+    sizes = {k: getattr(cfg, k) for k in (
+        "num_experts", "expert_dim", "expert_hidden_dim", "num_layers", "num_heads", "top_k",
+        "context_len", "hbm_capacity", "dram_capacity", "detector", "seed", "device")}
+    ppo = PPOArgs(num_envs=cfg.num_envs, num_steps=cfg.num_steps)
+    steps = ppo.batch_size * (cfg.iterations + cfg.warmup)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    print(f"bench train: {cfg.game}, {cfg.num_envs} envs x {cfg.num_steps} steps, "
+          f"{cfg.iterations} timed iterations per agent after {cfg.warmup} warm-up, "
+          f"interleaved, {cfg.threads} torch thread(s)")
+    runs, results = {}, {}
+    try:
+        for kind in cfg.agents:
+            args = TrainArgs(games=(cfg.game,), steps_per_game=steps, baseline=kind,
+                             ppo=ppo, **sizes)
+            torch.manual_seed(cfg.seed)
+            agent = build_agent(args, cfg.directory and os.path.join(cfg.directory, kind))
+            trainer = build_trainer(args, agent)
+            env = make_env(cfg.game, cfg.num_envs, cfg.seed)
+            runs[kind] = {"trainer": trainer, "env": env, "state": trainer.start(env, cfg.seed),
+                          "seconds": 0.0}
+        for round_ in range(cfg.warmup + cfg.iterations):
+            for i in range(len(cfg.agents)):
+                run = runs[cfg.agents[(round_ + i) % len(cfg.agents)]]
+                if round_ == cfg.warmup and run["trainer"].agent.store is not None:
+                    run["trainer"].agent.store.reset_stats()
+                started = time.perf_counter()
+                run["trainer"].iteration(run["env"], run["state"], 0)
+                if round_ >= cfg.warmup:
+                    run["seconds"] += time.perf_counter() - started
+        for kind, run in runs.items():
+            timed = ppo.batch_size * cfg.iterations
+            results[kind] = {"sps": timed / run["seconds"], "seconds": run["seconds"],
+                             "steps": timed}
+            store = run["trainer"].agent.store
+            line = (f"  {kind:<6} SPS {results[kind]['sps']:7.1f}  ({timed} steps in "
+                    f"{run['seconds']:.1f} s)")
+            if store is not None:
+                results[kind]["hit_rate"] = store.get_stats_summary()["hit_rate"]
+                line += f"  HBM hit rate {results[kind]['hit_rate']:.1%}"
+            print(line)
+    finally:
+        torch.set_num_threads(threads)
+        for run in runs.values():
+            run["env"].close()
+            if run["trainer"].agent.store is not None:
+                run["trainer"].agent.store.shutdown()
+    ratios = {f"{a}/{b}": results[a]["sps"] / results[b]["sps"]
+              for a, b in (("moe", "dense"), ("dense", "cnn")) if a in results and b in results}
+    goals = {"moe/dense": 0.8, "dense/cnn": 1.0}
+    if ratios:
+        print("  ratios: " + "  ".join(f"{name} {r:.2f} (goal >= {goals[name]})"
+                                       for name, r in ratios.items()))
+    return {"config": asdict(cfg), "agents": results, "ratios": ratios}

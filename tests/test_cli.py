@@ -1,10 +1,16 @@
 """Every CLI command runs, with tiny arguments, as a user would run it."""
 
+import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
+
+from ooc_moe.__main__ import build_parser
+from ooc_moe.bench import TrainBenchConfig
+from ooc_moe.train import EvalArgs, PPOArgs
 
 
 def run(*args, cwd=None):
@@ -97,11 +103,96 @@ def test_train_two_synthetic_games_writes_metrics(tmp_path):
     assert (tmp_path / "trace.npz").stat().st_size > 0
 
 
-def test_dense_baseline_trains_too(tmp_path):
+@pytest.mark.parametrize("baseline", ["dense", "cnn"])
+def test_baselines_train_too(tmp_path, baseline):
     result = run("train", "--games", "synthetic-3", "--steps_per_game", "64",
-                 "--baseline", "dense", *TINY)
+                 "--baseline", baseline, "--out", str(tmp_path), *TINY)
     assert result.returncode == 0, result.stderr
-    assert "trained dense on synthetic-3" in result.stdout
+    assert f"trained {baseline} on synthetic-3" in result.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["args"]["baseline"] == baseline and "store/hit_rate" not in \
+        metrics["history"][0]
+    assert not (tmp_path / "checkpoint" / "store" / "experts.bin").exists()
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_ppo_and_evaluation_flags_reach_the_run(tmp_path):
+    result = run("train", "--games", "synthetic-0", "--steps_per_game", "64", "--baseline",
+                 "cnn", "--learning_rate", "1e-3", "--no-anneal_lr", "--update_epochs", "1",
+                 "--max_grad_norm", "0.25", "--target_kl", "0.02", "--eval_seed", "7",
+                 "--out", str(tmp_path), *TINY)
+    assert result.returncode == 0, result.stderr
+    args = json.loads((tmp_path / "metrics.json").read_text())["args"]
+    assert (args["ppo"]["learning_rate"], args["ppo"]["anneal_lr"], args["ppo"]["update_epochs"],
+            args["ppo"]["max_grad_norm"], args["ppo"]["target_kl"], args["eval"]["seed"]) == \
+        (1e-3, False, 1, 0.25, 0.02, 7)
+
+
+def test_experiment_runs_the_cnn_anchor_beside_dense_and_moe(tmp_path):
+    result = run("experiment", "--games", "synthetic-0", "--steps_per_game", "64", "--runs",
+                 "cnn,dense,token", "--out", str(tmp_path), *TINY)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary) == ["cnn", "dense", "token"]
+    assert "hit_rate" in summary["token"] and "hit_rate" not in summary["cnn"]
+    assert "cnn (seeds 1)" in result.stdout
+
+
+SUBCOMMANDS = ["bench", "store-demo", "test", "train", "train-atari", "experiment", "demo"]
+
+
+def subparsers() -> dict:
+    return next(a for a in build_parser()._actions
+                if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_flag_of_every_command_has_a_help_line():
+    commands = subparsers()
+    assert sorted(commands) == sorted(SUBCOMMANDS)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help and action.help.strip(), (name, action.option_strings)
+    train = commands["train"]
+    flags = {o for a in train._actions for o in a.option_strings}
+    assert {f"--{f.name}" for f in dataclasses.fields(PPOArgs) if f.init} <= flags
+    assert {f"--eval_{f.name}" for f in dataclasses.fields(EvalArgs)} <= flags
+    groups = {g.title for g in train._action_groups}
+    assert {"run (TrainArgs)", "PPO (PPOArgs)", "evaluation (EvalArgs)"} <= groups
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_of_each_command_documents_every_option(command):
+    """In ``--help`` itself: every option's line carries a description."""
+    result = run(command, "--help")
+    assert result.returncode == 0, result.stderr
+    for action in subparsers()[command]._actions:
+        for option in action.option_strings:
+            assert option in result.stdout
+        assert action.help.split()[0] in result.stdout, (command, action.option_strings)
+
+
+def test_bench_train_quick_reports_sps_and_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "train", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "moe/dense" in result.stdout and "dense/cnn" in result.stdout
+    figures = json.loads(out.read_text())["train"]
+    assert set(figures["agents"]) == {"cnn", "dense", "moe"}
+    for agent in figures["agents"].values():
+        assert agent["sps"] == pytest.approx(agent["steps"] / agent["seconds"])
+        assert agent["steps"] == 2 * 4 * 32           # quick: 2 iterations of 4 envs x 32
+    assert figures["ratios"]["moe/dense"] == pytest.approx(
+        figures["agents"]["moe"]["sps"] / figures["agents"]["dense"]["sps"])
+    assert 0 <= figures["agents"]["moe"]["hit_rate"] <= 1
+
+
+def test_bench_train_uses_the_demo_sizes():
+    demo = vars(build_parser().parse_args(["demo"]))
+    cfg = TrainBenchConfig()
+    for key in ("num_experts", "expert_dim", "expert_hidden_dim", "num_layers", "num_heads",
+                "top_k", "context_len", "hbm_capacity", "dram_capacity", "num_envs",
+                "num_steps", "detector"):
+        assert getattr(cfg, key) == demo[key], key
 
 
 @pytest.mark.parametrize("args, message", [
