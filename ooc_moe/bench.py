@@ -512,7 +512,8 @@ class TrainBenchConfig:
 
 def bench_train(cfg: TrainBenchConfig) -> dict:
     """SPS of each agent trained side by side (one iteration of each in turn, the order
-    rotating every round), and the ratios MoE/dense and dense/cnn."""
+    rotating every round), from its median iteration time (a burst of load from elsewhere
+    hits one iteration, not the figure), and the ratios MoE/dense and dense/cnn."""
     from .train.ppo import PPOArgs
     from .train.run import TrainArgs, build_agent, build_trainer, make_env
 
@@ -536,7 +537,7 @@ def bench_train(cfg: TrainBenchConfig) -> dict:
             trainer = build_trainer(args, agent)
             env = make_env(cfg.game, cfg.num_envs, cfg.seed)
             runs[kind] = {"trainer": trainer, "env": env, "state": trainer.start(env, cfg.seed),
-                          "seconds": 0.0}
+                          "seconds": []}
         for round_ in range(cfg.warmup + cfg.iterations):
             for i in range(len(cfg.agents)):
                 run = runs[cfg.agents[(round_ + i) % len(cfg.agents)]]
@@ -545,14 +546,15 @@ def bench_train(cfg: TrainBenchConfig) -> dict:
                 started = time.perf_counter()
                 run["trainer"].iteration(run["env"], run["state"], 0)
                 if round_ >= cfg.warmup:
-                    run["seconds"] += time.perf_counter() - started
+                    run["seconds"].append(time.perf_counter() - started)
         for kind, run in runs.items():
-            timed = ppo.batch_size * cfg.iterations
-            results[kind] = {"sps": timed / run["seconds"], "seconds": run["seconds"],
-                             "steps": timed}
+            median = statistics.median(run["seconds"])
+            results[kind] = {"sps": ppo.batch_size / median, "iteration_seconds": run["seconds"],
+                             "steps": ppo.batch_size * cfg.iterations}
             store = run["trainer"].agent.store
-            line = (f"  {kind:<6} SPS {results[kind]['sps']:7.1f}  ({timed} steps in "
-                    f"{run['seconds']:.1f} s)")
+            line = (f"  {kind:<6} SPS {results[kind]['sps']:7.1f}  (iterations of "
+                    f"{ppo.batch_size} steps: " + ", ".join(f"{t:.2f}" for t in run["seconds"])
+                    + " s)")
             if store is not None:
                 results[kind]["hit_rate"] = store.get_stats_summary()["hit_rate"]
                 line += f"  HBM hit rate {results[kind]['hit_rate']:.1%}"
