@@ -1,6 +1,6 @@
 """Command line: ``python -m ooc_moe COMMAND`` (``-h`` lists the commands and options).
 
-test, train, train-atari, experiment, demo, bench, store-demo. The training commands' flags
+test, train, train-atari, experiment, demo, bench, store-demo, gpu-check. The training commands' flags
 are grouped by the dataclass they set (``TrainArgs``, ``PPOArgs``, ``EvalArgs``).
 """
 
@@ -34,6 +34,13 @@ def _bench(args: argparse.Namespace) -> None:
     if args.json:
         bench.write_json(results, args.json)
         print(f"figures written to {args.json}")
+
+
+def _gpu_check(args: argparse.Namespace) -> None:
+    from .gpu_check import GpuCheckConfig, gpu_check
+
+    gpu_check(GpuCheckConfig(out=args.out, train_steps=args.train_steps, quick=args.quick,
+                             allow_cpu=args.allow_cpu, timeout_s=args.timeout_s))
 
 
 def _store_demo(args: argparse.Namespace) -> None:
@@ -303,6 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_store_demo)
     sub.add_parser("test", help="a smoke run of every component, in seconds").set_defaults(
         func=lambda a: run_smoke())
+    g = sub.add_parser("gpu-check", help="on a GPU machine: the CUDA tests, bench store and "
+                                         "layer on the GPU, a short train-atari; one report",
+                       formatter_class=formatter)
+    g.add_argument("--out", default="results/gpu-check",
+                   help="directory for report.json, summary.txt and the logs")
+    g.add_argument("--train_steps", type=int, default=20_000,
+                   help="steps of the train-atari run (pong)")
+    g.add_argument("--quick", action="store_true", help="small sizes everywhere (seconds)")
+    g.add_argument("--allow-cpu", action="store_true",
+                   help="run the same checks without a GPU (to test the command)")
+    g.add_argument("--timeout_s", type=int, default=300,
+                   help="limit for each subprocess (the tests, the training run)")
+    g.set_defaults(func=_gpu_check)
     for name, atari in (("train", False), ("train-atari", True)):
         t = sub.add_parser(name, help=("PPO on real ALE games, one after another" if atari
                                        else "PPO on synthetic games, one after another"),

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from ooc_moe.__main__ import build_parser
 from ooc_moe.bench import TrainBenchConfig
@@ -139,7 +140,8 @@ def test_experiment_runs_the_cnn_anchor_beside_dense_and_moe(tmp_path):
     assert "cnn (seeds 1)" in result.stdout
 
 
-SUBCOMMANDS = ["bench", "store-demo", "test", "train", "train-atari", "experiment", "demo"]
+SUBCOMMANDS = ["bench", "store-demo", "test", "train", "train-atari", "experiment", "demo",
+               "gpu-check"]
 
 
 def subparsers() -> dict:
@@ -170,6 +172,14 @@ def test_help_of_each_command_documents_every_option(command):
         for option in action.option_strings:
             assert option in result.stdout
         assert action.help.split()[0] in result.stdout, (command, action.option_strings)
+
+
+def test_gpu_check_without_a_gpu_says_what_to_do():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run("gpu-check", "--out", "unused")
+    assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
+    assert "--allow-cpu" in result.stderr
 
 
 def test_bench_train_quick_reports_sps_and_ratios(tmp_path):
