@@ -1,9 +1,15 @@
 import os
 
-import pytest
-import torch
-
+# One thread per process: the suite's models are tiny, and on a machine whose cores are busy
+# a thread pool that waits for its other threads slows each step many times over. Set before
+# anything starts a pool; subprocesses (the CLI, notebook kernels) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,7 +17,7 @@ from ooc_moe.train import EvalArgs, PPOArgs
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "ooc_moe", *args], capture_output=True,
-                          text=True, timeout=600, cwd=cwd)
+                          text=True, timeout=1200, cwd=cwd)
 
 
 def test_bench_store_quick_prints_ratios_and_writes_json(tmp_path):

@@ -240,9 +240,9 @@ TINY_CLI = ["--num_experts", "8", "--expert_dim", "16", "--expert_hidden_dim", "
 def test_a_run_killed_mid_stage_resumes_and_loses_only_work_since_its_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ooc_moe", "train", "--games", "synthetic-0,synthetic-1",
-           "--steps_per_game", "1024", "--checkpoint_every", "2", "--out", str(out), *TINY_CLI]
+           "--steps_per_game", "512", "--checkpoint_every", "2", "--out", str(out), *TINY_CLI]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
+    deadline = time.time() + 900                             # generous: a loaded machine
     saved = None
     while time.time() < deadline and proc.poll() is None:
         state = out / "checkpoint" / "state.pt"
@@ -251,22 +251,22 @@ def test_a_run_killed_mid_stage_resumes_and_loses_only_work_since_its_checkpoint
                 saved = torch.load(state, weights_only=False)
             except Exception:                              # caught mid-swap: look again
                 saved = None
-            if saved is not None and saved["game_index"] == 0 and saved["iteration"] >= 4:
+            if saved is not None and saved["game_index"] == 0 and saved["iteration"] >= 2:
                 break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed mid-stage"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     checkpoint = load_checkpoint(out)                       # complete, whatever the timing
-    assert checkpoint["game_index"] == 0 and 0 < checkpoint["iteration"] < 16
+    assert checkpoint["game_index"] == 0 and 0 < checkpoint["iteration"] < 8
     before = [h["losses/value_loss"] for h in checkpoint["history"]]
     result = subprocess.run([sys.executable, "-m", "ooc_moe", "train", "--resume", str(out)],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finished"] and len(metrics["retention"]) == 2
     iterations = [(h["game_index"], h["iteration"]) for h in metrics["history"]]
-    assert iterations == [(g, i) for g in range(2) for i in range(16)]   # no gap, no repeat
+    assert iterations == [(g, i) for g in range(2) for i in range(8)]    # no gap, no repeat
     assert [h["losses/value_loss"] for h in metrics["history"][:len(before)]] == before
     assert args_from_json(metrics["args"]).checkpoint_every == 2
     # TensorBoard: the killed run's events after its checkpoint are purged, one per update
@@ -279,7 +279,7 @@ def test_a_run_killed_mid_stage_resumes_and_loses_only_work_since_its_checkpoint
 def test_cli_refuses_to_resume_nothing_and_to_overwrite_a_checkpoint(tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "ooc_moe", *args], capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=900)
     result = cli("train", "--resume", str(tmp_path / "nothing"))
     assert result.returncode != 0 and "no checkpoint" in result.stderr
     save_checkpoint(tmp_path, {"n": 1})

@@ -46,8 +46,10 @@ def run_experiment(base: TrainArgs, kinds: Sequence[str], seeds: Sequence[int],
             if _finished(run_dir):
                 continue
             args = replace(base, **RUN_KINDS[kind], seed=seed, out=str(run_dir))
-            train(args, progress, resume=find_checkpoint(run_dir) is not None,
-                  command=command)
+            agent = train(args, progress, resume=find_checkpoint(run_dir) is not None,
+                          command=command)["agent"]
+            if agent.store is not None:
+                agent.store.shutdown()     # its pools go now, not when the process ends
     results = load_results(out)
     summary = summarize({name: results[name] for kind in kinds for seed in seeds
                          if (name := f"{kind}-seed{seed}") in results})
