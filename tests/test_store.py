@@ -339,40 +339,6 @@ def test_failing_write_back_keeps_the_dirty_record(tmp_path, monkeypatch):
         assert torch.all(s.read_expert(0)["b1"] == 7.0)
 
 
-@pytest.mark.cuda
-def test_cuda_pools_are_pinned_and_on_the_device(tmp_path):
-    with TieredExpertStore(N, DIM, HIDDEN, 2, 4, path=tmp_path) as s:
-        assert s.device.type == "cuda"
-        assert s._engine.dram_pool.is_pinned()
-        assert s._engine.hbm_pool.device.type == "cuda"
-        expert = s.get_experts([0])[0]
-        assert expert.w1.is_cuda
-        expert.w1.mul_(2.0)
-        s.mark_dirty([0])
-        expected = flat(s.read_expert(0))
-        for e in range(1, N):
-            s.get_experts([e])
-        assert torch.equal(flat(s.read_expert(0)), expected)
-
-
-@pytest.mark.cuda
-def test_cuda_prefetch_overlaps_compute(tmp_path):
-    """A prefetch issued before a long kernel completes while the kernel runs."""
-    with TieredExpertStore(64, 512, 2048, 8, 16, path=tmp_path) as s:
-        s.prefetch(list(range(8)), tier="dram")
-        s.synchronize()
-        a = torch.randn(4096, 4096, device="cuda")
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            a = a @ a / 64
-        end.record()
-        s.prefetch(list(range(8)))
-        s.get_experts(list(range(8)))
-        torch.cuda.synchronize()
-        assert s.stats.prefetch_hits == 8
-
-
 def test_where_and_is_dirty_check_their_input(store):
     with pytest.raises(ValueError, match="out of range"):
         store.where(N)
