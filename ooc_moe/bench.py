@@ -6,8 +6,9 @@ Run: ``python -m ooc_moe bench {store,layer,sim,train,all} [--quick] [--json FIL
 the same bytes (file -> DRAM: ``preadv`` into one buffer, from the page cache and cold, once per
 file backend, ``pread``, ``memmap`` and ``direct``; with ``fio`` installed, its ``O_DIRECT``
 sequential read of the same file as the disk's own limit; DRAM -> HBM: ``copy_`` between
-preallocated tensors, ``non_blocking`` from pinned memory on CUDA). Then prefetch overlap: a loop of expert compute + ``get_experts`` with the next step
-prefetched, divided by the same loop with every expert resident.
+preallocated tensors, ``non_blocking`` from pinned memory on CUDA). Then prefetch overlap: a
+loop of expert compute + ``get_experts`` with the next step prefetched, divided by the same loop
+with every expert resident.
 
 ``layer``: the train step (forward + backward + optimizer) of a ``TieredMoELayer`` whose
 working set fits HBM, against the same layer with every expert resident and against a
@@ -168,20 +169,21 @@ def _file_to_dram(cfg: StoreBenchConfig, directory: str) -> list[LinkResult]:
     return links
 
 
-def _fio(path: str) -> dict | None:
-    """The disk's own limit: fio's sequential O_DIRECT read of the file (1 MiB blocks, 16 in
-    flight); None without fio, {"error": ...} if it failed."""
+def _fio(path: str, block: int) -> dict | None:
+    """The disk's own limit: fio's sequential O_DIRECT read of the file in blocks of ``block``
+    bytes (a record, rounded up to 4 KiB), 16 in flight; None without fio, {"error": ...} if
+    it failed."""
     if shutil.which("fio") is None:
         return None
     command = ["fio", "--name=disk", f"--filename={path}", "--readonly", "--rw=read",
-               "--direct=1", "--bs=1M", "--ioengine=libaio", "--iodepth=16",
-               "--output-format=json"]
+               "--direct=1", f"--bs={-(-block // 4096) * 4096}", "--ioengine=libaio",
+               "--iodepth=16", "--output-format=json"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         return {"command": " ".join(command), "error": result.stderr.strip()[-300:]}
     report = json.loads(result.stdout[result.stdout.index("{"):])  # after any warning lines
     read = report["jobs"][0]["read"]
-    return {"command": " ".join(command), "bytes": read["io_bytes"],
+    return {"command": " ".join(command), "block": block, "bytes": read["io_bytes"],
             "bytes_per_s": read["bw_bytes"]}
 
 
@@ -192,7 +194,8 @@ def _fio_line(fio: dict | None, links: list[LinkResult]) -> str:
         return f"disk limit: fio failed ({fio['error']}), skipped"
     ratios = "  ".join(f"{x.backend} {x.bytes / x.store_s / fio['bytes_per_s']:.2f}"
                        for x in links if x.cold)
-    return (f"disk limit (fio, O_DIRECT, 1 MiB x 16 in flight) {fio['bytes_per_s'] / 1e9:6.2f}"
+    return (f"disk limit (fio, O_DIRECT, {fio['block'] / 2**20:.1f} MiB x 16 in flight) "
+            f"{fio['bytes_per_s'] / 1e9:6.2f}"
             f" GB/s; cold store / fio: {ratios or 'no cold measurement'}")
 
 
@@ -200,7 +203,7 @@ def bench_file_tier(cfg: StoreBenchConfig) -> dict:
     """file -> DRAM through each file backend, warm and cold, against the raw read and fio."""
     with tempfile.TemporaryDirectory(prefix="ooc-moe-bench-", dir=cfg.directory) as directory:
         links = _file_to_dram(cfg, directory)
-        fio = _fio(os.path.join(directory, DATA_NAME))
+        fio = _fio(os.path.join(directory, DATA_NAME), links[0].bytes // cfg.num_experts)
     print(f"bench file tier: {cfg.num_experts} records of {cfg.expert_dim}x{cfg.hidden_dim} "
           f"({links[0].bytes / cfg.num_experts / 1e6:.1f} MB)")
     for link in links:
@@ -287,7 +290,7 @@ def bench_store(cfg: StoreBenchConfig) -> dict:
     cfg.device = str(device)
     with tempfile.TemporaryDirectory(prefix="ooc-moe-bench-", dir=cfg.directory) as directory:
         links = _file_to_dram(cfg, directory)
-        fio = _fio(os.path.join(directory, DATA_NAME))
+        fio = _fio(os.path.join(directory, DATA_NAME), links[0].bytes // cfg.num_experts)
         links.append(_dram_to_hbm(cfg, directory))
         overlap = _overlap(cfg, directory)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \

@@ -1,4 +1,5 @@
-"""The file tier's three backends: one format, records of any size, threads, refusals, a full disk."""
+"""The file tier's three backends: one format, records of any size, threads, refusals, a full
+disk."""
 
 import errno
 import fcntl
