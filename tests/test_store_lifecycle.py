@@ -3,7 +3,9 @@ flushing at close, the stream argument, synchronize, and a disk that runs out of
 
 import errno
 import gc
+import glob
 import os
+import tempfile
 import threading
 import warnings
 
@@ -141,3 +143,14 @@ def test_a_store_that_cannot_flush_at_close_warns(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         store._finalizer()
     assert any("could not be written" in str(w.message) for w in caught)
+
+
+def test_a_bad_backend_or_stream_leaves_no_file_and_no_directory(tmp_path):
+    temp = set(glob.glob(os.path.join(tempfile.gettempdir(), "ooc-moe-*")))
+    fds = _open_fds()
+    with pytest.raises(ValueError, match="pread, memmap, direct"):
+        TieredExpertStore(N, DIM, HIDDEN, 2, 4, "cpu", file_backend="nvme")
+    with pytest.raises(ValueError, match="CUDA stores"):
+        TieredExpertStore(N, DIM, HIDDEN, 2, 4, "cpu", stream=object())
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "ooc-moe-*"))) == temp
+    assert _open_fds() == fds
