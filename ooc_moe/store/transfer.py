@@ -135,7 +135,8 @@ class CudaCopies:
         ``pin_memory=True``, which goes through PyTorch's caching host allocator and rounds
         the request up to a power of two, this pins exactly the pool's bytes."""
         nbytes = pool.numel() * pool.element_size()
-        err = int(torch.cuda.cudart().cudaHostRegister(pool.data_ptr(), nbytes, 0))
+        with torch.cuda.device(self.device):     # the store's device, not GPU 0's context
+            err = int(torch.cuda.cudart().cudaHostRegister(pool.data_ptr(), nbytes, 0))
         if err != 0:
             raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.2f} GiB DRAM pool "
                                f"failed (cudaError {err}): the system may limit page-locked "
@@ -143,7 +144,8 @@ class CudaCopies:
         return nbytes
 
     def unpin(self, pool: torch.Tensor) -> None:
-        torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())
+        with torch.cuda.device(self.device):
+            torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())
 
     def on_compute(self):
         """A context in which the calling thread's work is queued on the compute stream."""
