@@ -6,6 +6,9 @@
   counts (or accumulated router probabilities),
   ``MI = sum P(t,e) log(P(t,e) / (P(t) P(e)))``, normalised by ``H(T)`` (the game entropy):
   1 when the expert choice determines the game, 0 when it says nothing about it;
+- experts per game, ``exp(H(E | game = g))``: the effective number of experts the tokens of
+  game ``g`` are routed to (k when they spread evenly over k experts), averaged over the games
+  that were played; from the same ``[games, experts]`` table;
 - router entropy, normalised by ``log(E)``: 1 for a uniform router, 0 for a one-hot one.
 """
 
@@ -18,7 +21,8 @@ import torch
 
 __all__ = ["hit_rate", "prefetch_precision", "prefetch_coverage", "prefetch_scores",
            "game_expert_counts",
-           "mutual_information", "normalized_mutual_information", "router_entropy"]
+           "mutual_information", "normalized_mutual_information", "experts_per_game",
+           "router_entropy"]
 
 
 def hit_rate(stats: dict) -> float:
@@ -86,11 +90,24 @@ def normalized_mutual_information(table) -> float:
     return mutual_information(joint) / h_games if h_games > 0 else 0.0
 
 
+def experts_per_game(table) -> float:
+    """Mean over the games with any tokens of ``exp(H(E | game))``, from a ``[games, experts]``
+    table of routing counts: the effective number of experts a game's tokens use."""
+    counts = np.asarray(table, dtype=np.float64)
+    if counts.ndim != 2 or (counts < 0).any():
+        raise ValueError("expected a 2-d table of non-negative counts [games, experts]")
+    played = counts[counts.sum(1) > 0]
+    if not len(played):
+        return 0.0
+    return float(np.mean([np.exp(_entropy(row / row.sum())) for row in played]))
+
+
 def router_entropy(router_logits: torch.Tensor) -> float:
-    """Mean entropy of the router's softmax over experts, divided by ``log(E)``."""
+    """Mean entropy of the router's softmax over experts, divided by ``log(E)`` (logits of
+    ``-inf``, experts outside a cohort, count as probability 0)."""
     num_experts = router_logits.shape[-1]
     if num_experts < 2:
         return 0.0
-    logp = torch.log_softmax(router_logits.detach().double(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1).mean().item()
+    p = torch.softmax(router_logits.detach().double(), dim=-1)
+    entropy = torch.special.entr(p).sum(-1).mean().item()
     return entropy / float(np.log(num_experts))

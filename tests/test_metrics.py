@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ooc_moe.metrics import (game_expert_counts, hit_rate, mutual_information,
+from ooc_moe.metrics import (experts_per_game, game_expert_counts, hit_rate,
+                             mutual_information,
                              normalized_mutual_information, prefetch_coverage,
                              prefetch_precision, router_entropy)
 
@@ -53,3 +54,20 @@ def test_router_entropy_limits():
     assert router_entropy(one_hot) == pytest.approx(0.0, abs=1e-9)
     two = torch.log(torch.tensor([[0.5, 0.5, 1e-30, 1e-30]]))      # uniform over 2 of 4
     assert router_entropy(two) == pytest.approx(math.log(2) / math.log(4))
+
+
+def test_experts_per_game_by_hand():
+    # game 0 spreads evenly over 4 experts (4); game 1 uses 2 experts 3:1, so
+    # H = -(3/4 log 3/4 + 1/4 log 1/4) and exp(H) = 4 / 3**0.75; game 2 never played
+    table = [[2, 2, 2, 2, 0], [0, 0, 0, 3, 1], [0, 0, 0, 0, 0]]
+    assert experts_per_game(table) == pytest.approx((4 + 4 / 3 ** 0.75) / 2)
+    assert experts_per_game([[0, 7, 0]]) == pytest.approx(1.0)
+    assert experts_per_game(np.zeros((2, 3))) == 0.0
+    with pytest.raises(ValueError, match="non-negative"):
+        experts_per_game([[-1, 2]])
+
+
+def test_router_entropy_ignores_experts_outside_a_cohort():
+    # two of four experts allowed, uniform over them: entropy log 2, over log 4
+    logits = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]])
+    assert router_entropy(logits) == pytest.approx(0.5)
