@@ -9,7 +9,10 @@ padding or padding mask is needed and rollouts and PPO updates see identical win
 
 Routing modes: ``"token"``, the router sees the token only; ``"env"``, it also sees a learned
 embedding of the game (predicted by the environment detector during play), which lets a
-router send each game to its own experts. ``DenseRLAgent`` is the baseline with the same
+router send each game to its own experts; ``"cohort"``, each game owns ``cohort_size``
+experts per layer (``CohortTable``, default: the HBM slots per layer) and the router chooses
+only among them. ``balance`` is the routers' balance mode (``batch``, ``none``, ``horizon``;
+formulas in ``ooc_moe.moe.router``). ``DenseRLAgent`` is the baseline with the same
 active parameters per token (``DenseTransformerBlock``), same interface. ``CNNAgent`` is
 the agent of CleanRL's ``ppo_atari.py`` (Huang et al., 2022): the Nature-CNN and two heads, no
 window (a "window" of one observation), the anchor every learning table is read against.
@@ -30,12 +33,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from .moe import DenseTransformerBlock, MoETransformerBlock
+from .moe.router import BALANCE_MODES, CohortTable
 from .store import RecordLayout, TieredExpertStore
 
 __all__ = ["MoERLAgentConfig", "MoERLAgent", "DenseRLAgent", "NatureCNN", "ContextWindows",
            "CNNAgentConfig", "CNNAgent", "layer_init"]
 
-ROUTING_MODES = ("token", "env")
+ROUTING_MODES = ("token", "env", "cohort")
 
 
 @dataclass
@@ -56,14 +60,42 @@ class MoERLAgentConfig:
     dropout: float = 0.0             # RL usually trains without dropout
     hbm_cap: int = 32
     dram_cap: int = 128
-    routing: str = "token"           # "token" or "env"
+    routing: str = "token"           # "token", "env" or "cohort"
     load_balance_coef: float = 0.01
     router_noise: float = 0.0        # exploration noise on router logits; 0 keeps PPO's
                                      # rollout and update policies identical
+    balance: str = "batch"           # "batch", "none" or "horizon" (ooc_moe.moe.router)
+    balance_horizon: int = 1_000_000  # tokens the horizon's load average spans
+    balance_rate: float = 1e-3       # the horizon's bias step per training forward
+    cohort_size: int | None = None   # experts per game and layer (cohort routing); None:
+                                     # hbm_cap // num_layers, the HBM slots of a layer
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if self.balance not in BALANCE_MODES:
+            raise ValueError(f"balance must be one of {BALANCE_MODES}, got {self.balance!r} "
+                             "(e.g. --balance horizon)")
+        if self.balance_horizon < 1:
+            raise ValueError(f"balance_horizon={self.balance_horizon} must be >= 1 token "
+                             "(e.g. --balance_horizon 1000000)")
+        if self.routing == "cohort":
+            if self.cohort_size is None:       # derived: the HBM slots of one layer
+                self.cohort_size = self.hbm_cap // self.num_layers
+                if self.cohort_size < self.top_k:
+                    raise ValueError(f"hbm_cap={self.hbm_cap} gives {self.num_layers} layers "
+                                     f"{self.cohort_size} HBM slots each, fewer than top_k="
+                                     f"{self.top_k}: give --cohort_size (>= top_k) or a "
+                                     "larger --hbm_capacity")
+            if not self.top_k <= self.cohort_size <= self.num_experts:
+                raise ValueError(f"cohort_size={self.cohort_size} must be between top_k="
+                                 f"{self.top_k} and num_experts={self.num_experts}: each "
+                                 "game's top-k runs inside its cohort (e.g. --cohort_size "
+                                 f"{max(self.top_k, self.hbm_cap // self.num_layers)})")
+            if self.balance == "horizon":
+                raise ValueError("balance='horizon' is not defined inside cohorts: use "
+                                 "--balance batch (balanced within each cohort) or none "
+                                 "with --routing cohort")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts="
                              f"{self.num_experts}")
@@ -177,7 +209,8 @@ class ContextWindows:
 class _SequenceAgent(nn.Module):
     """Encoder, positions, blocks, heads: what the MoE agent and its dense baseline share."""
 
-    def __init__(self, config: MoERLAgentConfig, blocks: nn.ModuleList) -> None:
+    def __init__(self, config: MoERLAgentConfig, blocks: nn.ModuleList,
+                 cohorts: CohortTable | None = None) -> None:
         super().__init__()
         self.config = config
         d = config.expert_dim
@@ -195,8 +228,9 @@ class _SequenceAgent(nn.Module):
         self.game_embedding = nn.Embedding(config.num_envs, d) \
             if config.routing == "env" else None
         self.blocks = blocks
+        self.cohorts = cohorts
         self.context_len, self.token_dim = config.context_len, d
-        self.routes_by_game = config.routing == "env"
+        self.routes_by_game = config.routing == "env" or cohorts is not None
         self.norm = nn.LayerNorm(d)
         self.actor = nn.Linear(d, config.num_actions)
         self.critic = nn.Linear(d, 1)
@@ -218,15 +252,18 @@ class _SequenceAgent(nn.Module):
         if not 1 <= T <= self.config.context_len:
             raise ValueError(f"windows hold {T} tokens; at most context_len="
                              f"{self.config.context_len}")
+        if self.routes_by_game and games is None:
+            raise ValueError(f"routing={self.config.routing!r} needs the game of every "
+                             "window (games=)")
         context = None
         if self.game_embedding is not None:
-            if games is None:
-                raise ValueError("routing='env' needs the game of every window (games=)")
             context = self.game_embedding(games)[:, None, :]        # [B, 1, dim]
+        cohorts = ([None] * len(self.blocks) if self.cohorts is None
+                   else self.cohorts.lookup(games))                 # [layers, B, C]
         x = windows + self.positions[:T]
         aux = x.new_zeros(())
-        for block in self.blocks:
-            x, block_aux = block(x, self.causal[:T, :T], context)
+        for block, cohort in zip(self.blocks, cohorts):
+            x, block_aux = block(x, self.causal[:T, :T], context, cohort)
             aux = aux + block_aux
         h = self.norm(x[:, -1])
         return self.actor(h), self.critic(h).squeeze(-1), aux
@@ -243,12 +280,17 @@ class MoERLAgent(_SequenceAgent):
                                       device, path=path, optimizer_state=True)
         blocks = nn.ModuleList(
             MoETransformerBlock(config.expert_dim, config.num_heads, store,
-                                config.expert_hidden, config.top_k, config.dropout)
+                                config.expert_hidden, config.top_k, config.dropout,
+                                noise_std=config.router_noise,
+                                load_balance_coef=config.load_balance_coef,
+                                balance=config.balance,
+                                balance_horizon=config.balance_horizon,
+                                balance_rate=config.balance_rate)
             for _ in range(config.num_layers))
-        for block in blocks:
-            block.moe.load_balance_coef = config.load_balance_coef
-            block.moe.router.noise_std = config.router_noise
-        super().__init__(config, blocks)
+        # one id space for all layers (they share the store), so cohorts are chosen across them
+        cohorts = (CohortTable(config.num_envs, config.num_layers, config.cohort_size,
+                               config.num_experts) if config.routing == "cohort" else None)
+        super().__init__(config, blocks, cohorts)
         self.store = store
         self.to(store.device)
 

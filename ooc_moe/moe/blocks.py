@@ -50,16 +50,20 @@ class _Block(nn.Module):
 
 class MoETransformerBlock(_Block):
     """Attention + ``TieredMoELayer``; ``forward(x [batch, seq, dim], attn_mask,
-    router_context)`` returns ``(y, aux_loss)``."""
+    router_context, cohort)`` returns ``(y, aux_loss)``. ``moe_options``: keyword options of
+    ``TieredMoELayer`` (the balance mode, say)."""
 
     def __init__(self, dim: int, num_heads: int, expert_store: TieredExpertStore,
-                 ffn_hidden_dim: int, top_k: int = 2, dropout: float = 0.1) -> None:
+                 ffn_hidden_dim: int, top_k: int = 2, dropout: float = 0.1,
+                 **moe_options) -> None:
         super().__init__(dim, num_heads, dropout)
-        self.moe = TieredMoELayer(dim, ffn_hidden_dim, expert_store, top_k, dropout)
+        self.moe = TieredMoELayer(dim, ffn_hidden_dim, expert_store, top_k, dropout,
+                                  **moe_options)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None,
-                router_context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self.moe(self.attend(x, attn_mask), router_context)
+                router_context: Tensor | None = None, cohort: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        return self.moe(self.attend(x, attn_mask), router_context, cohort)
 
 
 class DenseTransformerBlock(_Block):
@@ -71,6 +75,8 @@ class DenseTransformerBlock(_Block):
         self.ffn = DenseFFN(dim, ffn_hidden_dim, top_k, dropout)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None,
-                router_context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``router_context`` is accepted for interface parity and ignored (no router)."""
+                router_context: Tensor | None = None, cohort: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """``router_context`` and ``cohort`` are accepted for interface parity and ignored
+        (no router)."""
         return self.ffn(self.attend(x, attn_mask))

@@ -156,13 +156,15 @@ class TieredMoELayer(nn.Module):
     ``aux_loss = load_balance_coef * load_balancing_loss + z_loss_coef * z_loss``. Several
     layers may share one store (one pool of experts for all layers) or have one each.
     With ``prefetch``, a batch that needs more experts than HBM holds prefetches the next
-    wave of experts while the current one computes.
+    wave of experts while the current one computes. ``balance``, ``balance_horizon`` and
+    ``balance_rate`` set the router's balance mode (``ExpertRouter``).
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, expert_store: TieredExpertStore,
                  top_k: int = 2, dropout: float = 0.1, *, noise_std: float = 0.1,
                  load_balance_coef: float = 0.01, z_loss_coef: float = 1e-3,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, balance: str = "batch",
+                 balance_horizon: int = 1_000_000, balance_rate: float = 1e-3) -> None:
         super().__init__()
         if (expert_store.expert_dim, expert_store.hidden_dim) != (input_dim, hidden_dim):
             raise ValueError(f"the store's experts are {expert_store.expert_dim} -> "
@@ -170,7 +172,9 @@ class TieredMoELayer(nn.Module):
                              f"{input_dim} -> {hidden_dim}")
         self.expert_store = expert_store
         self.input_dim, self.hidden_dim, self.top_k = input_dim, hidden_dim, top_k
-        self.router = ExpertRouter(input_dim, expert_store.num_experts, top_k, noise_std)
+        self.router = ExpertRouter(input_dim, expert_store.num_experts, top_k, noise_std,
+                                   balance=balance, balance_horizon=balance_horizon,
+                                   balance_rate=balance_rate)
         self.layer_norm = nn.LayerNorm(input_dim)
         self.dropout = nn.Dropout(dropout)
         self.load_balance_coef, self.z_loss_coef = load_balance_coef, z_loss_coef
@@ -178,19 +182,24 @@ class TieredMoELayer(nn.Module):
         self.last_routing: RouterOutput | None = None
         self.last_waves: list[list[int]] = []   # the experts of each wave of the last forward
 
-    def forward(self, x: Tensor, router_context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, router_context: Tensor | None = None,
+                cohort: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``router_context`` (broadcastable to ``x``) is added to what the router sees, not
-        to the experts' input: e.g. an embedding of the game being played."""
+        to the experts' input: e.g. an embedding of the game being played. ``cohort``
+        (``[tokens, C]``, or ``[batch, C]`` for ``[batch, seq, dim]`` inputs): the experts
+        each token may be routed to."""
         if x.dim() not in (2, 3) or x.shape[-1] != self.input_dim:
             raise ValueError(f"expected [tokens, {self.input_dim}] or [batch, seq, "
                              f"{self.input_dim}] input, got {tuple(x.shape)}")
         flat = x.reshape(-1, self.input_dim)
         h = self.layer_norm(flat)
+        if cohort is not None and x.dim() == 3:                     # one per sequence
+            cohort = cohort[:, None].expand(-1, x.shape[1], -1).reshape(flat.shape[0], -1)
         if router_context is not None:
             context = router_context.expand_as(x).reshape(-1, self.input_dim)
-            routing = self.router(h + context)
+            routing = self.router(h + context, cohort)
         else:
-            routing = self.router(h)
+            routing = self.router(h, cohort)
         self.last_routing = routing
         y, self.last_waves = expert_mixture(h, routing.expert_indices,
                                             routing.expert_weights, self.expert_store,
