@@ -106,7 +106,9 @@ def _train_args(args: argparse.Namespace, atari: bool) -> "TrainArgs":
         expert_hidden_dim=args.expert_hidden_dim, num_layers=args.num_layers,
         num_heads=args.num_heads, top_k=args.top_k, context_len=args.context_len,
         hbm_capacity=args.hbm_capacity, dram_capacity=args.dram_capacity,
-        load_balance_coef=args.load_balance_coef, detector=args.detector, trace=args.trace,
+        load_balance_coef=args.load_balance_coef, balance=args.balance,
+        balance_horizon=args.balance_horizon, cohort_size=args.cohort_size,
+        detector=args.detector, trace=args.trace,
         checkpoint_every=args.checkpoint_every, ppo=PPOArgs(**ppo),
         eval=EvalArgs(episodes=args.eval_episodes, max_steps=args.eval_max_steps,
                       seed=args.eval_seed))
@@ -167,7 +169,10 @@ def _experiment(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {err}") from None
     if base.out is None:
         raise SystemExit("error: give --out DIR (each run writes DIR/<run>-seed<seed>/)")
-    summary = run_experiment(base, kinds, seeds, base.out, command=_command())
+    try:
+        summary = run_experiment(base, kinds, seeds, base.out, command=_command())
+    except ValueError as err:         # e.g. a kind whose configuration is impossible
+        raise SystemExit(f"error: {err}") from None
     print()
     print(format_summary(summary))
     print("\n" + format_verdict(summary))
@@ -250,10 +255,19 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
     agent.add_argument("--top_k", type=int, default=2, help="experts per token")
     agent.add_argument("--context_len", type=int, default=8,
                        help="observations in the window the transformer reads")
-    agent.add_argument("--routing", choices=["token", "env"], default="token",
-                       help="token: the router sees the token; env: also the detected game")
+    agent.add_argument("--routing", choices=["token", "env", "cohort"], default="token",
+                       help="token: the router sees the token; env: also the detected game; "
+                            "cohort: each game routed inside its own --cohort_size experts")
+    agent.add_argument("--cohort_size", type=int, default=None,
+                       help="experts per game and layer with --routing cohort (default: "
+                            "HBM slots per layer, hbm_capacity // num_layers)")
+    agent.add_argument("--balance", choices=["batch", "none", "horizon"], default="batch",
+                       help="batch: Switch loss per batch; none: no balancing loss; "
+                            "horizon: loss-free bias balancing over --balance_horizon tokens")
+    agent.add_argument("--balance_horizon", type=int, default=1_000_000,
+                       help="tokens over which --balance horizon averages each expert's load")
     agent.add_argument("--load_balance_coef", type=float, default=0.01,
-                       help="weight of the router's load-balancing loss")
+                       help="weight of the router's load-balancing loss (--balance batch)")
     agent.add_argument("--hbm_capacity", type=int, default=16, help="expert slots in HBM")
     agent.add_argument("--dram_capacity", type=int, default=64,
                        help="expert slots in DRAM (>= hbm_capacity)")
@@ -340,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train_flags(e, True, **defaults)
         runs = e.add_argument_group("experiment (run_experiment)")
         runs.add_argument("--runs", default=defaults.get("runs", "token,env,dense"),
-                          help="kinds of run: token, env (MoE routings), dense (its dense "
+                          help="kinds of run: token, env, cohort (MoE routings), token-none, "
+                               "token-horizon (token routing, other balance), dense (its dense "
                                "twin), cnn (CleanRL's agent)")
         runs.add_argument("--seeds", default=defaults.get("seeds", "1"),
                           help="comma-separated seeds, one run of each kind per seed")

@@ -214,6 +214,13 @@ def test_bench_train_uses_the_demo_sizes():
     (["train", "--steps_per_game", "10"], "less than one rollout"),
     (["train", "--games", "synthetic-1,synthetic-1"], "name a game twice"),
     (["experiment", "--games", "pong", "--runs", "dense,sparse"], "--runs must list"),
+    (["train", "--routing", "cohort", "--cohort_size", "0"], "cohort_size=0 must be between"),
+    (["train", "--routing", "cohort", "--cohort_size", "65"], "num_experts=64"),
+    (["train", "--balance", "global"], "invalid choice: 'global'"),
+    (["train", "--routing", "games"], "invalid choice: 'games'"),
+    (["train", "--balance", "horizon", "--balance_horizon", "0"], "--balance_horizon 1000000"),
+    (["experiment", "--games", "pong", "--runs", "token,cohort", "--balance", "horizon",
+      "--out", "unused"], "--balance batch"),
 ])
 def test_impossible_training_configurations_stop_before_any_work(args, message):
     result = run(*args)

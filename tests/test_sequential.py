@@ -22,6 +22,7 @@ from ooc_moe.train import (EvalArgs, PPOArgs, PPOTrainer, TrainArgs, args_from_j
                            format_verdict, half_width_95, load_checkpoint, make_env,
                            paired_changes, run_experiment, save_checkpoint, summarize,
                            train)
+from ooc_moe.train import RUN_KINDS  # noqa: E402
 from ooc_moe.train import run as run_module  # noqa: E402
 from ooc_moe.viz import (plot_forgetting, plot_game_expert_usage,  # noqa: E402
                          plot_game_over_stages, plot_retention, sequential_results_widget,
@@ -400,3 +401,11 @@ def test_sequential_plots_draw_from_the_results(experiment):
     show_sequential_run(results, "token-seed2", 1, "synthetic-1")
     show_sequential_run(results, "dense-seed1", 0, "synthetic-0")
     sequential_results_widget(results)
+
+
+@pytest.mark.parametrize("kind, routing, balance", [
+    ("token", "token", "batch"), ("cohort", "cohort", "batch"),
+    ("token-none", "token", "none"), ("token-horizon", "token", "horizon")])
+def test_run_kinds_set_routing_and_balance(kind, routing, balance):
+    config = replace(tiny(), **RUN_KINDS[kind]).agent_config()
+    assert (config.routing, config.balance) == (routing, balance)

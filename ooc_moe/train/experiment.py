@@ -1,5 +1,6 @@
-"""The comparison the package exists for: MoE (token / env routing) vs dense, over seeds, with
-CleanRL's plain CNN agent (``cnn``) as the anchor of what PPO learns in the same budget.
+"""The comparison the package exists for: MoE (token / env / cohort routing, and token routing
+under the other balance modes) vs dense, over seeds, with CleanRL's plain CNN agent (``cnn``)
+as the anchor of what PPO learns in the same budget.
 
 ``run_experiment`` trains one run per (kind, seed) into ``OUT/<kind>-seed<seed>/`` with the
 same games, schedule, evaluation and active parameters, then writes ``OUT/summary.json``. A
@@ -26,6 +27,9 @@ __all__ = ["RUN_KINDS", "run_experiment", "summarize", "format_summary", "format
 
 RUN_KINDS = {"token": {"baseline": "moe", "routing": "token"},
              "env": {"baseline": "moe", "routing": "env"},
+             "cohort": {"baseline": "moe", "routing": "cohort"},
+             "token-none": {"baseline": "moe", "routing": "token", "balance": "none"},
+             "token-horizon": {"baseline": "moe", "routing": "token", "balance": "horizon"},
              "dense": {"baseline": "dense", "routing": "token"},
              "cnn": {"baseline": "cnn", "routing": "token"}}
 
@@ -39,6 +43,8 @@ def run_experiment(base: TrainArgs, kinds: Sequence[str], seeds: Sequence[int],
         raise ValueError(f"runs must be among {', '.join(RUN_KINDS)}, got {list(kinds)}")
     if not seeds:
         raise ValueError("give at least one seed")
+    for kind in kinds:                   # every configuration checked before any training
+        replace(base, **RUN_KINDS[kind]).agent_config()
     out = Path(out)
     for kind in kinds:
         for seed in seeds:
@@ -138,6 +144,9 @@ def summarize(results: Mapping[str, dict]) -> dict:
                                                      for m in runs]))
             for key in ("dram_hit_rate", "router_entropy"):
                 s[key] = float(np.mean([np.mean(m[key]) for m in runs]))
+            if all("experts_per_game" in m for m in runs):   # older runs lack it
+                s["experts_per_game"] = np.mean([m["experts_per_game"] for m in runs],
+                                                0).tolist()
             if all("planner" in m for m in runs):      # the detector's plans, whole run
                 for key in ("precision", "coverage"):
                     s[f"prefetch_{key}"] = float(np.mean([m["planner"][key] for m in runs]))
@@ -191,6 +200,9 @@ def format_summary(summary: Mapping[str, dict]) -> str:
             text = (f"{'':<6} HBM hit rate {s['hit_rate']:.1%}, DRAM {s['dram_hit_rate']:.1%}"
                     f"  game-expert NMI {s['mutual_information']:.3f}  router entropy "
                     f"{s['router_entropy']:.2f} (1: uniform)")
+            if "experts_per_game" in s:
+                text += "  experts per game " + "/".join(f"{v:.1f}"
+                                                         for v in s["experts_per_game"])
             if "prefetch_precision" in s:
                 text += (f"  prefetch precision {s['prefetch_precision']:.0%} coverage "
                          f"{s['prefetch_coverage']:.0%}")

@@ -10,6 +10,9 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
   rollout's frames (plus the frames before it), re-encoded with the current encoder; an agent
   without a window (``context_len == 1``: ``CNNAgent``) gets CleanRL's random minibatches over
   all steps and environments;
+- an agent that routes by game (``env``, ``cohort``) is updated with the game each step was
+  *routed* with while acting (the detector's prediction, where a detector is trained), kept
+  in ``games``, so rollout and update policies are the same function of the game;
 - the MoE auxiliary losses are added to the loss; experts are trained by ``ExpertOptimizer``
   (their gradients live in the expert records), dense parameters by ``torch.optim.Adam``;
   the global gradient norm is clipped over both together (``clip_grad_norm_``) and logged
@@ -82,7 +85,7 @@ class RolloutBuffer:
         self.rewards = torch.zeros(S, N, device=device)
         self.dones = torch.zeros(S, N, device=device)
         self.values = torch.zeros(S, N, device=device)
-        self.games = torch.zeros(S, N, dtype=torch.long, device=device)
+        self.games = torch.zeros(S, N, dtype=torch.long, device=device)  # routed with
 
     def roll_prefix(self) -> None:
         """Keep the last frames of this rollout as the prefix of the next one."""
@@ -129,14 +132,17 @@ class PPOTrainer:
     # -- acting ------------------------------------------------------------------------------
     @torch.no_grad()
     def act(self, obs: torch.Tensor, new_episode: torch.Tensor, games: torch.Tensor,
-            windows: ContextWindows | None = None):
+            windows: ContextWindows | None = None, routing_games: torch.Tensor | None = None):
         """Encode each observation once, push it into its window (the trainer's own, or
-        ``windows`` for evaluation), sample actions. Returns action, log-probability, value
+        ``windows`` for evaluation), sample actions. ``routing_games``: the games to route
+        with (default: ``routing_games(obs, games)``). Returns action, log-probability, value
         and each MoE layer's ``[tokens, top_k]`` expert choices."""
         if self.planner is not None:
             self.planner.plan(obs)                 # prefetch before the step computes
+        if routing_games is None:
+            routing_games = self.routing_games(obs, games)
         tokens = (windows or self.windows).push(self.agent.encode(obs), new_episode)
-        logits, value, _ = self.agent(tokens, self._routing_games(obs, games))
+        logits, value, _ = self.agent(tokens, routing_games)
         routing = [layer.last_routing for layer in self.agent.moe_layers]
         if self.planner is not None:
             self.planner.observe([r.expert_indices for r in routing])
@@ -152,8 +158,9 @@ class PPOTrainer:
             np.add.at(table, (games.repeat_interleave(per_env).cpu().numpy(),
                               r.expert_indices.reshape(-1).cpu().numpy()), 1)
 
-    def _routing_games(self, obs: torch.Tensor, games: torch.Tensor) -> torch.Tensor | None:
-        """For ``routing='env'``: the game the detector sees (the true one without one)."""
+    def routing_games(self, obs: torch.Tensor, games: torch.Tensor) -> torch.Tensor | None:
+        """For agents that route by game: the game the detector sees (the true one without a
+        detector); None for the others."""
         if not self.agent.routes_by_game:
             return None
         if self.detector_trainer is None:
@@ -173,9 +180,11 @@ class PPOTrainer:
             b.starts[b.prefix + step] = state["new_episode"]
             b.dones[step] = state["next_done"].float()
             games = torch.full((args.num_envs,), game, dtype=torch.long, device=self.device)
-            b.games[step] = games
+            obs_device = obs.to(self.device)
+            routed = self.routing_games(obs_device, games)
+            b.games[step] = games if routed is None else routed  # the update routes the same
             action, logprob, value, routing = self.act(
-                obs.to(self.device), state["new_episode"].to(self.device), games)
+                obs_device, state["new_episode"].to(self.device), games, routing_games=routed)
             self.count_routing(routing, games, self.routing_counts)
             if routing:
                 self.router_entropies.append(router_entropy(routing[-1].router_logits))
@@ -208,7 +217,7 @@ class PPOTrainer:
                 state["obs"].to(self.device))[:, None]], 1)
             fresh = state["new_episode"].to(self.device)
             windows[fresh] = windows[fresh, -1:].expand(-1, windows.shape[1], -1)
-            state["next_value"] = self.agent(windows, self._routing_games(
+            state["next_value"] = self.agent(windows, self.routing_games(
                 state["obs"].to(self.device), b.games[-1]))[1]
         return finished
 

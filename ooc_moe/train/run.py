@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from ..agent import CNNAgent, CNNAgentConfig, DenseRLAgent, MoERLAgent, MoERLAgentConfig
 from ..detector import DetectorTrainer, EnvironmentDetector, PrefetchPlanner
-from ..metrics import normalized_mutual_information, prefetch_coverage, prefetch_precision
+from ..metrics import (experts_per_game, normalized_mutual_information, prefetch_coverage,
+                       prefetch_precision)
 from ..scores import average_final_score, forgetting, human_normalized
 from ..store import TieredExpertStore
 from ..store.stats import LINKS
@@ -62,7 +63,8 @@ class TrainArgs:
     out: str | None = None          # write metrics.json (and trace.npz) here
     baseline: str = "moe"           # "moe", "dense" (same active parameters) or "cnn"
                                     # (CleanRL's ppo_atari.py agent: no window, no experts)
-    routing: str = "token"          # "token" or "env" (router also sees the detected game)
+    routing: str = "token"          # "token", "env" (router also sees the detected game) or
+                                    # "cohort" (each game routed inside its own experts)
     num_experts: int = 64
     expert_dim: int = 128
     expert_hidden_dim: int = 256
@@ -73,6 +75,9 @@ class TrainArgs:
     hbm_capacity: int = 16
     dram_capacity: int = 64
     load_balance_coef: float = 0.01
+    balance: str = "batch"          # "batch", "none" or "horizon" (ooc_moe.moe.router)
+    balance_horizon: int = 1_000_000  # tokens the horizon balance averages the load over
+    cohort_size: int | None = None  # experts per game and layer; None: HBM slots per layer
     detector: bool = True           # train a detector online and prefetch with it (MoE only)
     trace: bool = False             # record every store call (trace.npz)
     checkpoint_every: int = 0       # also checkpoint every N updates (0: after stages only)
@@ -102,7 +107,8 @@ class TrainArgs:
             expert_hidden=self.expert_hidden_dim, num_layers=self.num_layers,
             num_heads=self.num_heads, top_k=self.top_k, context_len=self.context_len,
             hbm_cap=self.hbm_capacity, dram_cap=self.dram_capacity, routing=self.routing,
-            load_balance_coef=self.load_balance_coef)
+            load_balance_coef=self.load_balance_coef, balance=self.balance,
+            balance_horizon=self.balance_horizon, cohort_size=self.cohort_size)
 
 
 def make_env(game: str, num_envs: int, seed: int):
@@ -412,6 +418,7 @@ def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> 
         routing = np.array([e["routing"] for e in run.evaluations[-1]]).transpose(1, 0, 2)
         metrics["eval_routing"] = routing.tolist()
         metrics["mutual_information"] = [normalized_mutual_information(t) for t in routing]
+        metrics["experts_per_game"] = [experts_per_game(t) for t in routing]
     if history and "store/hit_rate" in history[-1]:
         metrics["hit_rate"] = [h["store/hit_rate"] for h in history]
         metrics["dram_hit_rate"] = [h["store/dram_hit_rate"] for h in history]
