@@ -248,8 +248,10 @@ class DetectorTrainer:
 
     - ``train_step(obs, game_ids, used_experts)``: one update on exactly this batch;
     - online: ``add(obs, game_ids, used_experts)`` each environment step, then ``step()``:
-      one update on ``batch_size`` observations drawn uniformly from the last
-      ``buffer_size`` added (a ring buffer of uint8 frames on the CPU);
+      one update on ``batch_size`` observations drawn uniformly from the buffer: uint8
+      frames on the CPU, a ring of the last ``buffer_size`` per game (and one for frames of
+      no known game), so that a game played long ago is still in the minibatches and the
+      detector does not forget it while the next game is trained;
     - offline: ``fit(obs, game_ids, steps=...)``: random minibatches of a labelled set.
 
     ``game_ids`` may be None (or -1 per observation) when the game is unknown and
@@ -271,16 +273,20 @@ class DetectorTrainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
         L, E = detector.num_layers, detector.num_experts
-        # the ring buffer, allocated on the first add (frames are large)
+        # one ring of buffer_size per label (-1 = unknown game, then each game): region
+        # r = label + 1 is rows [r * buffer_size, (r + 1) * buffer_size). Allocated on the
+        # first add; a region's pages are touched only once frames of its game arrive.
+        rows = self.buffer_size * (detector.num_envs + 1)
         self._obs: Tensor | None = None                                   # [N, C*T, H, W] uint8
-        self._games = torch.full((self.buffer_size,), -1, dtype=torch.long)
-        self._used = torch.zeros(self.buffer_size, L, E, dtype=torch.bool)
-        self._has_used = torch.zeros(self.buffer_size, dtype=torch.bool)
-        self._next, self._size = 0, 0
+        self._games = torch.full((rows,), -1, dtype=torch.long)
+        self._used = torch.zeros(rows, L, E, dtype=torch.bool)
+        self._has_used = torch.zeros(rows, dtype=torch.bool)
+        self._next = [0] * (detector.num_envs + 1)          # per region: next row to write
+        self._count = [0] * (detector.num_envs + 1)         # per region: rows filled
 
     def __len__(self) -> int:
         """How many observations the buffer holds."""
-        return self._size
+        return sum(self._count)
 
     def _targets(self, batch: int, game_ids, used_experts) -> tuple[Tensor, Tensor | None]:
         det = self.detector
@@ -343,36 +349,42 @@ class DetectorTrainer:
                 "game_accuracy": hits.float().mean().item() if known.any() else math.nan}
 
     def add(self, obs, game_ids=None, used_experts=None) -> None:
-        """Append a batch of uint8 observations (and their labels) to the ring buffer; the
-        oldest are overwritten once it holds ``buffer_size``."""
+        """Append a batch of uint8 observations (and their labels) to the buffer; within each
+        game's ring the oldest are overwritten once it holds ``buffer_size``."""
         x = _as_tensor(obs)
         if x.dtype != torch.uint8:
             raise ValueError(f"the buffer stores raw uint8 frames, got {x.dtype}")
         if x.dim() == len(self.detector.input_shape):
             x = x[None]
         self.detector.prepare(x[:1])                                      # checks the shape
-        x = x.reshape(x.shape[0], *self.detector.input_shape)
+        x = x.reshape(x.shape[0], *self.detector.input_shape).cpu()
         games, used = self._targets(x.shape[0], game_ids, used_experts)
-        keep = slice(max(0, x.shape[0] - self.buffer_size), None)        # newest that fit
-        x, games = x[keep], games[keep]
-        slots = (self._next + torch.arange(x.shape[0])) % self.buffer_size
+        games = games.cpu()
+        used = None if used is None else used.cpu() > 0.5
         if self._obs is None:
-            self._obs = torch.empty(self.buffer_size, *self.detector.input_shape,
+            self._obs = torch.empty(len(self._games), *self.detector.input_shape,
                                     dtype=torch.uint8)
-        self._obs[slots] = x.cpu()
-        self._games[slots] = games.cpu()
-        self._has_used[slots] = used is not None
-        self._used[slots] = used[keep].cpu() > 0.5 if used is not None else False
-        self._next = int(slots[-1] + 1) % self.buffer_size
-        self._size = min(self._size + x.shape[0], self.buffer_size)
+        for region in (games + 1).unique().tolist():
+            rows = (games + 1 == region).nonzero().reshape(-1)[-self.buffer_size:]  # newest
+            n, start = len(rows), self._next[region]
+            slots = region * self.buffer_size + (start + torch.arange(n)) % self.buffer_size
+            self._obs[slots] = x[rows]
+            self._games[slots] = games[rows]
+            self._has_used[slots] = used is not None
+            self._used[slots] = used[rows] if used is not None else False
+            self._next[region] = (start + n) % self.buffer_size
+            self._count[region] = min(self._count[region] + n, self.buffer_size)
 
     def step(self) -> dict[str, float]:
-        """One update on ``batch_size`` observations drawn from the buffer (the expert loss
-        only over those added with their routing)."""
-        if self._size == 0:
+        """One update on ``batch_size`` observations drawn uniformly from the buffer (the
+        expert loss only over those added with their routing)."""
+        if len(self) == 0:
             raise RuntimeError("the buffer is empty: add() observations before step()")
-        idx = torch.randint(self._size, (min(self.batch_size, self._size),),
-                            generator=self.generator)
+        filled = torch.cat([r * self.buffer_size + torch.arange(n)
+                            for r, n in enumerate(self._count) if n])
+        pick = torch.randint(len(filled), (min(self.batch_size, len(filled)),),
+                             generator=self.generator)
+        idx = filled[pick]
         x = self.detector.prepare(self._obs[idx])
         has_used = self._has_used[idx]
         used = self._used[idx].float() if has_used.any() else None

@@ -137,12 +137,26 @@ def test_online_training_from_a_ring_buffer(frames):
     x, y, _, _ = frames
     det = make_detector()
     trainer = DetectorTrainer(det, batch_size=8, buffer_size=16)
-    trainer.add(x[:10], y[:10])                            # game labels, no routing
+    pong, breakout = x[y == 0], x[y == 1]
+    trainer.add(pong[:10], torch.zeros(10, dtype=torch.long))   # game labels, no routing
     assert len(trainer) == 10
     routing = used_expert_targets(torch.tensor([[1, 2]]), 8)   # one per-batch target
-    trainer.add(x[10:20], y[10:20], routing)
-    assert len(trainer) == 16                              # the oldest 4 were overwritten
-    assert torch.equal(trainer._obs[:4], x[16:20]) and torch.equal(trainer._obs[4:10], x[4:10])
+    trainer.add(pong[10:20], torch.zeros(10, dtype=torch.long), routing)
+    assert len(trainer) == 16                              # pong's oldest 4 were overwritten
+    ring = trainer._obs[16:32]                              # game 0's ring (unknown: rows 0-15)
+    assert torch.equal(ring[:4], pong[16:20]) and torch.equal(ring[4:10], pong[4:10])
+    trainer.add(breakout[:40], torch.ones(40, dtype=torch.long))
+    assert len(trainer) == 32                              # breakout's own ring: pong stays
+    assert torch.equal(trainer._obs[16:20], pong[16:20])
+    assert torch.equal(trainer._obs[32:48], breakout[24:40])   # its newest 16, in order
+    drawn = []
+    update = trainer._update
+    trainer._update = lambda x, games, used, has_used: drawn.append(games) or {}
+    for _ in range(20):
+        trainer.step()
+    trainer._update = update
+    drawn = torch.cat(drawn)                                # uniform over the 32 frames
+    assert 0.3 < (drawn == 0).float().mean() < 0.7 and set(drawn.tolist()) == {0, 1}
     losses = trainer.step()
     assert set(losses) >= {"loss", "game_loss", "expert_loss", "game_accuracy"}
     assert all(math.isfinite(v) for v in losses.values())
