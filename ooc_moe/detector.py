@@ -476,11 +476,16 @@ class PrefetchPlanner:
     ``layer``: the MoE layer whose experts ``store`` holds, when each layer has its own store
     (one planner per layer). None: every layer draws from this one store, and an expert's
     score is ``1 - prod_l(1 - p_l)``, the chance that some layer uses it.
+
+    ``cohorts`` (a ``CohortTable``, for ``cohort`` routing): the experts a game may use are
+    known, so the plan follows the game instead of the expert head: the cohorts (all layers)
+    of the games the detector sees in ``obs``, those not yet in HBM first. At a game switch
+    this brings the new game's experts in, into the slots the old game frees.
     """
 
     def __init__(self, store, detector: EnvironmentDetector, top_k: int | None = None, *,
                  min_prob: float = 0.5, layer: int | None = None, tier: str = "hbm",
-                 reduce: str = "mean", keep_history: bool = True) -> None:
+                 reduce: str = "mean", keep_history: bool = True, cohorts=None) -> None:
         if store.num_experts != detector.num_experts:
             raise ValueError(f"the store holds {store.num_experts} experts but the detector "
                              f"predicts {detector.num_experts} per layer")
@@ -496,6 +501,7 @@ class PrefetchPlanner:
         self.store, self.detector = store, detector
         self.top_k, self.min_prob, self.layer = top_k, min_prob, layer
         self.tier, self.reduce, self.keep_history = tier, reduce, keep_history
+        self.cohorts = cohorts
         self.history: list[PlanRecord] = []
         self._pending: PlanRecord | None = None
         self._totals = _Totals()
@@ -508,15 +514,30 @@ class PrefetchPlanner:
             return probs[self.layer]
         return 1.0 - (1.0 - probs).prod(0)
 
+    def cohort_ids(self, obs) -> list[int]:
+        """The experts of the cohorts of the games the detector sees in ``obs`` (the game
+        seen in most observations first; within it, experts not yet in HBM first)."""
+        with torch.no_grad():
+            games = self.detector(obs)[0].argmax(-1).cpu()
+        counts = torch.bincount(games)
+        ids: list[int] = []
+        for game in counts.argsort(descending=True, stable=True)[:int((counts > 0).sum())].tolist():
+            experts = self.cohorts.lookup(torch.tensor([game]))[:, 0].reshape(-1).tolist()
+            ids += [e for e in dict.fromkeys(experts) if e not in ids]
+        return sorted(ids, key=lambda e: self.store.where(e) == "hbm")
+
     def plan(self, obs) -> list[int]:
         """Prefetch the experts predicted for ``obs``'s step; returns the ids asked for."""
-        scores = self.scores(obs).cpu()
         budget = (self.store.prefetch_slots if self.tier == "hbm"
                   else self.store.dram_capacity)
         if self.top_k is not None:
             budget = min(budget, self.top_k)
-        order = torch.argsort(scores, descending=True, stable=True)
-        ids = [int(e) for e in order[:max(budget, 0)] if scores[e] >= self.min_prob]
+        if self.cohorts is not None:
+            ids = self.cohort_ids(obs)[:max(budget, 0)]
+        else:
+            scores = self.scores(obs).cpu()
+            order = torch.argsort(scores, descending=True, stable=True)
+            ids = [int(e) for e in order[:max(budget, 0)] if scores[e] >= self.min_prob]
         dropped = len(ids) - len(self.store.prefetch(ids, tier=self.tier)) if ids else 0
         if self._pending is not None:                  # the last plan was never observed
             self._record(self._pending)

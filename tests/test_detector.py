@@ -11,6 +11,7 @@ from ooc_moe import TieredExpertStore, TieredMoELayer
 from ooc_moe.detector import (DetectorTrainer, EnvironmentDetector, PrefetchPlanner,
                               evaluate_game_accuracy, used_expert_targets)
 from ooc_moe.envs import collect_frames
+from ooc_moe.moe.router import CohortTable
 
 FRAME = (1, 84, 84)
 
@@ -269,6 +270,29 @@ def test_planner_over_layers_sharing_one_store(store):
                           [0.1, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1, 0.8]])
     assert PrefetchPlanner(store, det).plan(OBS) == [0, 7, 4]
     assert PrefetchPlanner(store, det, layer=1).plan(OBS) == [7]
+
+
+def test_a_cohort_planner_follows_the_game_the_detector_sees(store):
+    """Cohort routing: the plan is the seen game's cohort (every layer), missing experts
+    first, within the free slots; a game switch brings the new game's cohort in."""
+    det = make_detector(num_envs=2, num_experts=8, num_layers=2)
+    cohorts = CohortTable(2, 2, 2, 8)               # 2 games x 2 layers x 2 experts
+    planner = PrefetchPlanner(store, det, cohorts=cohorts)
+
+    def sees(game):
+        with torch.no_grad():
+            det.game_head.weight.zero_()
+            det.game_head.bias.copy_(torch.tensor([5.0, -5.0][::1 if game == 0 else -1]))
+
+    sees(1)
+    assert sorted(planner.plan(OBS)) == [0, 1, 2, 3]     # game 1, new: the first cohort
+    assert cohorts.table[1].tolist() == [[0, 1], [2, 3]] and cohorts.table[0, 0, 0] == -1
+    store.get_experts([0, 1])                            # 2 slots in use, 2 free
+    sees(0)
+    assert sorted(planner.plan(OBS)) == [4, 5]           # game 0's cohort, as far as it fits
+    store.get_experts([4, 5])
+    assert planner.plan(OBS)[:2] == [6, 7]               # still game 0: the rest of it first
+    assert planner.observe([6, 7]) == {"precision": 1.0, "coverage": 1.0}
 
 
 def test_planner_bad_use(store):

@@ -153,7 +153,8 @@ def build_trainer(args: TrainArgs, agent) -> PPOTrainer:
                                        ).to(next(agent.parameters()).device)
         detector_trainer = DetectorTrainer(detector, seed=args.seed)
         if args.detector:
-            planner = PrefetchPlanner(agent.store, detector, keep_history=False)
+            planner = PrefetchPlanner(agent.store, detector, keep_history=False,
+                                      cohorts=agent.cohorts)   # cohort routing: follow the game
     return PPOTrainer(agent, args.ppo, planner=planner, detector_trainer=detector_trainer)
 
 
