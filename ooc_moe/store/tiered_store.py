@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .file_tier import BACKENDS, ExpertFile, FileMeta, dtype_name
+from .file_tier import ExpertFile, FileMeta, dtype_name
 from .layout import Expert, RecordLayout
 from .residency import TierMap
 from .stats import StoreStats
@@ -105,17 +105,16 @@ class TieredExpertStore:
         layout = RecordLayout(expert_dim, hidden_dim, optimizer_state)
         meta = FileMeta(num_experts, expert_dim, hidden_dim, dtype_name(dtype), layout.numel,
                         optimizer_state)
-        if file_backend not in BACKENDS:
-            raise ValueError(f"unknown file_backend {file_backend!r}; use one of "
-                             f"{', '.join(BACKENDS)}")
         tmpdir = tempfile.TemporaryDirectory(prefix="ooc-moe-") if path is None else None
-        file = ExpertFile.create(tmpdir.name if tmpdir else path, meta, overwrite=overwrite,
-                                 backend=file_backend)
+        file = None
         try:
+            file = ExpertFile.create(tmpdir.name if tmpdir else path, meta,
+                                     overwrite=overwrite, backend=file_backend)
             _write_initial_records(file, layout, dtype, seed)
             self._setup(file, hbm_capacity, dram_capacity, device, tmpdir, stream)
-        except BaseException:
-            file.close()
+        except BaseException:           # a bad backend, a full disk, a bad stream, ...
+            if file is not None:
+                file.close()
             if tmpdir is not None:
                 tmpdir.cleanup()
             raise
