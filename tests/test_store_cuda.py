@@ -29,7 +29,7 @@ SLEEP = 2_000_000        # GPU cycles, about a millisecond
 @pytest.fixture
 def slow_copies(monkeypatch):
     """Delay the copy stream before every copy (a slow PCIe link, exaggerated)."""
-    copy = transfer.CudaCopies._copy
+    copy = transfer.CudaCopies.copy
 
     def delayed(self, h, d, dst, src, after):
         with torch.cuda.stream(self.stream):
@@ -38,7 +38,7 @@ def slow_copies(monkeypatch):
             torch.cuda._sleep(SLEEP)
         copy(self, h, d, dst, src, after)
 
-    monkeypatch.setattr(transfer.CudaCopies, "_copy", delayed)
+    monkeypatch.setattr(transfer.CudaCopies, "copy", delayed)
 
 
 def _write(expert, value: float) -> None:
@@ -113,7 +113,7 @@ def test_a_prefetch_evicting_a_dirty_expert_waits_for_its_queued_kernel(tmp_path
 
 def test_write_downs_do_not_block_the_host(tmp_path, monkeypatch):
     """A dirty eviction queues its device-to-host copy and returns."""
-    copy = transfer.CudaCopies._copy
+    copy = transfer.CudaCopies.copy
 
     def very_slow(self, h, d, dst, src, after):
         with torch.cuda.stream(self.stream):
@@ -126,7 +126,7 @@ def test_write_downs_do_not_block_the_host(tmp_path, monkeypatch):
         _write(store.get_experts([0])[0], 1.0)
         store.mark_dirty([0])
         torch.cuda.synchronize()
-        monkeypatch.setattr(transfer.CudaCopies, "_copy", very_slow)
+        monkeypatch.setattr(transfer.CudaCopies, "copy", very_slow)
         start = time.perf_counter()
         store.get_experts([1])               # write 0 down, load 1: both queued
         queued = time.perf_counter() - start

@@ -103,10 +103,8 @@ class HostCopies:
         """No compute stream to order copies after."""
         return None
 
-    def to_device(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
-        dst.copy_(src)
-
-    def to_host(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
+    def copy(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
+        """Copy between HBM slot ``h`` and DRAM slot ``d`` (either way), at once."""
         dst.copy_(src)
 
     def before_host_access(self, d: int) -> None:
@@ -164,7 +162,9 @@ class CudaCopies:
         """What a copy touching HBM slot ``h`` must wait for: the slot's last use."""
         return self.released[h]
 
-    def _copy(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
+    def copy(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
+        """Queue a copy between HBM slot ``h`` and DRAM slot ``d`` (either way) on the copy
+        stream, after the event ``after``; it becomes both slots' last copy."""
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             if after is not None:
                 self.stream.wait_event(after)
@@ -172,12 +172,6 @@ class CudaCopies:
             done = torch.cuda.Event()
             done.record(self.stream)
         self.ready[h] = self.dram_busy[d] = done
-
-    def to_device(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
-        self._copy(h, d, dst, src, after)
-
-    def to_host(self, h: int, d: int, dst: torch.Tensor, src: torch.Tensor, after) -> None:
-        self._copy(h, d, dst, src, after)
 
     def before_host_access(self, d: int) -> None:
         """The host is about to read or overwrite DRAM slot ``d``: finish the copy using it."""
@@ -305,7 +299,7 @@ class TransferEngine:
     def _execute(self, move: Move, after) -> None:
         e, h, d = move.expert, move.hbm_slot, move.dram_slot
         if move.kind == "write_down":
-            self.copies.to_host(h, d, self.dram_pool[d], self.hbm_pool[h], after)
+            self.copies.copy(h, d, self.dram_pool[d], self.hbm_pool[h], after)
         elif move.kind == "write_back":
             self.copies.before_host_access(d)
             self.file.write_from(e, self.dram_pool[d])
@@ -313,7 +307,7 @@ class TransferEngine:
             self.copies.before_host_access(d)
             self.file.read_into(e, self.dram_pool[d])
         elif move.kind == "promote":
-            self.copies.to_device(h, d, self.hbm_pool[h], self.dram_pool[d], after)
+            self.copies.copy(h, d, self.hbm_pool[h], self.dram_pool[d], after)
         with self.data_lock:
             move.apply(self.data)
             if move.kind in LINKS:
