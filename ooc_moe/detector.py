@@ -514,26 +514,30 @@ class PrefetchPlanner:
             return probs[self.layer]
         return 1.0 - (1.0 - probs).prod(0)
 
-    def cohort_ids(self, obs) -> list[int]:
-        """The experts of the cohorts of the games the detector sees in ``obs`` (the game
-        seen in most observations first; within it, experts not yet in HBM first)."""
-        with torch.no_grad():
-            games = self.detector(obs)[0].argmax(-1).cpu()
-        counts = torch.bincount(games)
+    def cohort_ids(self, obs, games: Tensor | None = None) -> list[int]:
+        """The experts of the cohorts of ``games`` (default: the games the detector sees in
+        ``obs``), the game of most observations first; within it, experts not yet in HBM
+        first."""
+        if games is None:
+            with torch.no_grad():
+                games = self.detector(obs)[0].argmax(-1)
+        counts = torch.bincount(games.cpu())
         ids: list[int] = []
         for game in counts.argsort(descending=True, stable=True)[:int((counts > 0).sum())].tolist():
             experts = self.cohorts.lookup(torch.tensor([game]))[:, 0].reshape(-1).tolist()
             ids += [e for e in dict.fromkeys(experts) if e not in ids]
         return sorted(ids, key=lambda e: self.store.where(e) == "hbm")
 
-    def plan(self, obs) -> list[int]:
-        """Prefetch the experts predicted for ``obs``'s step; returns the ids asked for."""
+    def plan(self, obs, games: Tensor | None = None) -> list[int]:
+        """Prefetch the experts predicted for ``obs``'s step; returns the ids asked for.
+        ``games``: with ``cohorts``, the games the step is routed with, when already known
+        (saves a forward of the detector)."""
         budget = (self.store.prefetch_slots if self.tier == "hbm"
                   else self.store.dram_capacity)
         if self.top_k is not None:
             budget = min(budget, self.top_k)
         if self.cohorts is not None:
-            ids = self.cohort_ids(obs)[:max(budget, 0)]
+            ids = self.cohort_ids(obs, games)[:max(budget, 0)]
         else:
             scores = self.scores(obs).cpu()
             order = torch.argsort(scores, descending=True, stable=True)

@@ -137,10 +137,10 @@ class PPOTrainer:
         ``windows`` for evaluation), sample actions. ``routing_games``: the games to route
         with (default: ``routing_games(obs, games)``). Returns action, log-probability, value
         and each MoE layer's ``[tokens, top_k]`` expert choices."""
-        if self.planner is not None:
-            self.planner.plan(obs)                 # prefetch before the step computes
         if routing_games is None:
             routing_games = self.routing_games(obs, games)
+        if self.planner is not None:               # prefetch before the step computes
+            self.planner.plan(obs, routing_games)
         tokens = (windows or self.windows).push(self.agent.encode(obs), new_episode)
         logits, value, _ = self.agent(tokens, routing_games)
         routing = [layer.last_routing for layer in self.agent.moe_layers]
