@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from ooc_moe import TieredExpertStore, TieredMoELayer
 from ooc_moe.train import PPOArgs, TrainArgs, build_agent, make_env, train
-from ooc_moe.train import run as run_module
 from ooc_moe.train.run import build_trainer
 from reference_moe import ReferenceExperts
+from test_sequential import train_cut_at_second_stage
 
 E, DIM, HIDDEN, TOP_K, TOKENS, C = 8, 6, 10, 2, 40, 3
 PARAMS = ("w1", "b1", "w2", "b2")
@@ -140,24 +140,10 @@ def test_the_update_routes_with_the_game_the_rollout_used():
     agent.store.shutdown()
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_cohorts_survive_checkpoint_and_resume(tmp_path, monkeypatch):
     args = replace(TrainArgs(**TINY), games=("synthetic-1", "synthetic-0"))
     whole = train(replace(args, out=str(tmp_path / "whole")), progress=False)
-    original = run_module._Run.train_stage
-
-    def stop_at_second_stage(self, *a):
-        if self.game_index == 1:
-            raise Interrupt
-        return original(self, *a)
-
-    monkeypatch.setattr(run_module._Run, "train_stage", stop_at_second_stage)
-    with pytest.raises(Interrupt):
-        train(replace(args, out=str(tmp_path / "cut")), progress=False)
-    monkeypatch.setattr(run_module._Run, "train_stage", original)
+    train_cut_at_second_stage(replace(args, out=str(tmp_path / "cut")), monkeypatch)
     resumed = train(replace(args, out=str(tmp_path / "cut")), progress=False, resume=True)
     table = whole["agent"].cohorts.table
     assert table[0].flatten().tolist() == [0, 1, 2, 3]    # game 0 = synthetic-1, seen first

@@ -160,12 +160,9 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("baseline", ["moe", "dense", "cnn"])
-def test_resume_at_a_stage_boundary_matches_an_uninterrupted_run(tmp_path, monkeypatch,
-                                                                 baseline):
-    # no detector: its replay buffer is not checkpointed (the agent's math never reads it)
-    args = tiny(baseline=baseline, detector=False)
-    whole = train(replace(args, out=str(tmp_path / "whole")), progress=False)
+def train_cut_at_second_stage(args: TrainArgs, monkeypatch) -> None:
+    """Train ``args`` (with ``out``) until the second stage starts, then stop as a crash
+    would: the checkpoint of the stage boundary is all that remains."""
     original = run_module._Run.train_stage
 
     def stop_at_second_stage(self, *a):
@@ -175,8 +172,17 @@ def test_resume_at_a_stage_boundary_matches_an_uninterrupted_run(tmp_path, monke
 
     monkeypatch.setattr(run_module._Run, "train_stage", stop_at_second_stage)
     with pytest.raises(Interrupt):
-        train(replace(args, out=str(tmp_path / "cut")), progress=False)
+        train(args, progress=False)
     monkeypatch.setattr(run_module._Run, "train_stage", original)
+
+
+@pytest.mark.parametrize("baseline", ["moe", "dense", "cnn"])
+def test_resume_at_a_stage_boundary_matches_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                 baseline):
+    # no detector: its replay buffer is not checkpointed (the agent's math never reads it)
+    args = tiny(baseline=baseline, detector=False)
+    whole = train(replace(args, out=str(tmp_path / "whole")), progress=False)
+    train_cut_at_second_stage(replace(args, out=str(tmp_path / "cut")), monkeypatch)
     with pytest.raises(ValueError, match="--resume"):    # a fresh start would overwrite it
         train(replace(args, out=str(tmp_path / "cut")), progress=False)
     resumed = train(replace(args, out=str(tmp_path / "cut")), progress=False, resume=True)
