@@ -1,6 +1,9 @@
 """Metrics of the expert cache and of expert specialisation.
 
-- hit rate and prefetch precision / coverage, from a store's counters (or a ``SimResult``);
+- hit rate and prefetch precision / coverage, from a store's counters (or a ``SimResult``),
+  and ``cache_figures``: the figures a run reports, in the vocabulary defined in
+  ``ooc_moe.store.stats`` (``hbm_hit_rate``, ``prefetch_precision``, ``prefetch_coverage``,
+  ``stall_seconds``, bytes per link);
 - normalised mutual information between the game being played and the experts chosen, as in
   Mod-Squad's ``TaskMoE`` (Chen et al., 2023): from a ``[games, experts]`` table of routing
   counts (or accumulated router probabilities),
@@ -19,7 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["hit_rate", "prefetch_precision", "prefetch_coverage", "prefetch_scores",
+__all__ = ["hit_rate", "prefetch_precision", "prefetch_coverage", "cache_figures",
+           "prefetch_scores",
            "game_expert_counts",
            "mutual_information", "normalized_mutual_information", "experts_per_game",
            "router_entropy"]
@@ -40,6 +44,17 @@ def prefetch_coverage(stats: dict) -> float:
     """Share of would-be HBM misses that prefetching turned into hits."""
     would_miss = stats["prefetch_hits"] + stats["dram_hits"] + stats["file_reads"]
     return stats["prefetch_hits"] / would_miss if would_miss else 0.0
+
+
+def cache_figures(counters: dict) -> dict:
+    """A run's figures from store counters (``StoreStats.as_dict``, or one phase of
+    ``stats_by_phase``): accesses, ``hbm_hit_rate``, ``prefetch_precision``,
+    ``prefetch_coverage``, ``stall_seconds`` and ``bytes_<link>``."""
+    return {"accesses": counters["accesses"], "hbm_hit_rate": hit_rate(counters),
+            "prefetch_precision": prefetch_precision(counters),
+            "prefetch_coverage": prefetch_coverage(counters),
+            "stall_seconds": counters.get("stall_seconds", 0.0),
+            **{k: v for k, v in counters.items() if k.startswith("bytes_")}}
 
 
 def prefetch_scores(planned: Sequence[Sequence[int]], used: Sequence[Sequence[int]]) -> dict:

@@ -1,13 +1,15 @@
 """Routing traces and a trace-driven simulator of the tiered expert cache.
 
 A ``RoutingTrace`` records what a run asked of its expert store: every ``get_experts``,
-``prefetch`` and ``mark_dirty`` call, in order (the *events*), and, per training step, the game
+``prefetch`` and ``mark_dirty`` call and every change of phase (``TieredExpertStore.in_phase``),
+in order (the *events*), and, per training step, the game
 being played, the experts each MoE layer used and the prefetch set issued before the step (the
 *steps*, for analysis). ``simulate`` replays the events with a replacement policy and slot
 counts of your choice. With ``policy="lru"`` and the store's capacities it reproduces the
 store's counters exactly (tests/test_trace.py checks this); ``"lfu"`` and ``"belady"`` (evict
 the expert whose next use is farthest: Belady, 1966) show what another policy, or an
-oracle, would have done with the same accesses.
+oracle, would have done with the same accesses. Every result is also split by phase
+(``SimResult.by_phase``), as the store splits its own counters.
 
 The policy, as in ``TieredExpertStore``: tiers are inclusive (HBM experts keep a DRAM slot);
 a ``get`` counts one access per distinct id, in order, and never evicts the ids of the same
@@ -25,12 +27,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .store.stats import LINKS, StoreStats
+from .store.stats import LINKS, PHASES, PhaseTally, StoreStats
 
 __all__ = ["RoutingTrace", "LinkBandwidths", "SimResult", "simulate", "POLICIES"]
 
 POLICIES = ("lru", "lfu", "belady")
-_KINDS = ("get", "prefetch_hbm", "prefetch_dram", "dirty", "flush")
+_KINDS = ("get", "prefetch_hbm", "prefetch_dram", "dirty", "flush", "phase")
 
 
 @dataclass
@@ -123,6 +125,7 @@ class SimResult(StoreStats):
     link, the HBM hit rate of each step and modelled transfer seconds."""
 
     moves: dict = field(default_factory=lambda: dict.fromkeys(LINKS, 0))
+    by_phase: dict = field(default_factory=dict)  # phase -> counters, as the store's
     hit_rate_per_step: list = field(default_factory=list)
     transfer_seconds: float = 0.0
 
@@ -239,6 +242,12 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
     moves = r.moves
     step_hits = step_accesses = 0
     current_step = None
+    phases = PhaseTally()
+
+    def settle() -> None:
+        """Bring the counters kept implicitly in the loop up to date."""
+        r.hbm_hits = r.accesses - r.dram_hits - r.file_reads
+        r.bytes_moved = {link: n * record_bytes for link, n in moves.items()}
 
     def evict_hbm(protected) -> bool:
         victim = hbm.victim(lambda v: v not in protected)
@@ -313,6 +322,9 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
             in_use = ids
         elif kind == "dirty":
             hbm_dirty.update(ids)
+        elif kind == "phase":
+            settle()
+            phases.switch(r, PHASES[ids[0]])
         elif kind == "flush":
             moves["hbm_to_dram"] += len(hbm_dirty)
             moves["dram_to_file"] += len(hbm_dirty | dram_dirty)
@@ -338,8 +350,8 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
                 r.prefetches_issued += 1
     if step_accesses:
         r.hit_rate_per_step.append(step_hits / step_accesses)
-    r.hbm_hits = r.accesses - r.dram_hits - r.file_reads
-    r.bytes_moved = {link: n * record_bytes for link, n in moves.items()}
+    settle()
+    r.by_phase = phases.by_phase(r)
     r.transfer_seconds = sum(b / getattr(bandwidths, link) for link, b in r.bytes_moved.items())
     return r
 

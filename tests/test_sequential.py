@@ -238,6 +238,29 @@ def test_tensorboard_files_hold_cleanrls_tags_and_the_store_figures(tmp_path, ba
         metrics["agent"].store.shutdown()
 
 
+def test_metrics_report_every_phase_and_belady_on_the_runs_own_trace(tmp_path):
+    metrics = train(tiny(out=str(tmp_path), trace=True), progress=False)
+    store = metrics["agent"].store
+    cache, belady = metrics["cache"]["phases"], metrics["belady"]["phases"]
+    assert {"rollout", "update", "optimizer", "eval"} <= set(cache)
+    # the phases of the history and evaluations add up to the store's own counters
+    totals = store.stats_by_phase()
+    for phase in ("rollout", "update", "optimizer", "eval"):
+        assert cache[phase]["accesses"] == totals[phase]["accesses"] > 0, phase
+        assert belady[phase]["accesses"] == cache[phase]["accesses"], phase  # same accesses
+        for key in ("hbm_hit_rate", "prefetch_precision", "prefetch_coverage"):
+            assert 0 <= cache[phase][key] <= 1 and 0 <= belady[phase][key] <= 1
+    assert cache["rollout"]["stall_seconds"] > 0
+    moved = sum(v for p in ("update", "optimizer") for k, v in totals[p].items()
+                if k.startswith("bytes_"))
+    assert metrics["cache"]["bytes_per_update"] == pytest.approx(
+        moved / len(metrics["history"]))
+    assert "store/rollout_hit_rate" in metrics["history"][-1]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["belady"] == metrics["belady"]              # floats survive JSON exactly
+    store.shutdown()
+
+
 TINY_CLI = ["--num_experts", "8", "--expert_dim", "16", "--expert_hidden_dim", "32",
             "--num_heads", "2", "--hbm_capacity", "4", "--dram_capacity", "8",
             "--context_len", "2", "--num_envs", "4", "--num_steps", "16",

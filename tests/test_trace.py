@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ooc_moe import ExpertOptimizer, TieredExpertStore, TieredMoELayer
+from ooc_moe.store.stats import PHASES
 from ooc_moe.trace import RoutingTrace, simulate
 from reference import ListLRU
 
@@ -27,6 +28,13 @@ def assert_reproduces(store, trace):
     for link in LINKS:
         assert result.bytes_moved[link] == stats[f"bytes_{link}"], link
     assert result.hit_rate == stats["hit_rate"]
+    ours = {p: {k: v for k, v in c.items() if k != "stall_seconds"}
+            for p, c in store.stats_by_phase().items()}
+    replayed = {p: {k: v for k, v in c.items() if k != "stall_seconds"}
+                for p, c in result.by_phase.items()}
+    assert ours == replayed                          # phase by phase, every counter
+    for key in (*COUNTERS, *(f"bytes_{link}" for link in LINKS)):
+        assert sum(c[key] for c in ours.values()) == stats[key], key
     return result
 
 
@@ -35,26 +43,51 @@ calls = st.lists(st.one_of(
     st.tuples(st.just("get"), ids), st.tuples(st.just("train"), ids),
     st.tuples(st.just("prefetch"), ids, st.sampled_from(["hbm", "dram"])),
     st.tuples(st.just("flush"))), min_size=1, max_size=30)
+phases = st.lists(st.sampled_from(PHASES), min_size=30, max_size=30)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(calls=calls, hbm=st.integers(1, 4), extra=st.integers(0, 4))
-def test_simulator_reproduces_the_store_exactly(calls, hbm, extra):
+@given(calls=calls, hbm=st.integers(1, 4), extra=st.integers(0, 4), phases=phases)
+def test_simulator_reproduces_the_store_exactly(calls, hbm, extra, phases):
     trace = RoutingTrace()
     with TieredExpertStore(N, 2, 3, hbm, min(N, hbm + extra), "cpu") as store:
         store.trace = trace
-        for step, call in enumerate(calls):
+        for step, (call, phase) in enumerate(zip(calls, phases)):
             trace.begin_step(game=step % 2)
-            if call[0] in ("get", "train"):
-                store.get_experts(call[1][:hbm])
-                if call[0] == "train":
-                    store.mark_dirty(call[1][:hbm])
-            elif call[0] == "prefetch":
-                store.prefetch(call[1], tier=call[2])
-            else:
-                store.flush()
+            with store.in_phase(phase):
+                if call[0] in ("get", "train"):
+                    store.get_experts(call[1][:hbm])
+                    if call[0] == "train":
+                        store.mark_dirty(call[1][:hbm])
+                elif call[0] == "prefetch":
+                    store.prefetch(call[1], tier=call[2])
+                else:
+                    store.flush()
         store.synchronize()
         assert_reproduces(store, trace)
+
+
+def test_phases_split_the_counters_and_restore_the_previous_phase():
+    with TieredExpertStore(N, 2, 3, 2, 4, "cpu") as store:
+        assert store.phase == "other"
+        with store.in_phase("rollout"):
+            store.get_experts([0, 1])                    # two file reads
+            with store.in_phase("update"):
+                store.get_experts([1, 2])                # a hit and a file read
+            assert store.phase == "rollout"
+            store.get_experts([2])                       # a hit
+        assert store.phase == "other"
+        by_phase = store.stats_by_phase()
+        assert set(by_phase) == {"rollout", "update"}
+        assert (by_phase["rollout"]["accesses"], by_phase["rollout"]["hbm_hits"]) == (3, 1)
+        assert (by_phase["update"]["accesses"], by_phase["update"]["hbm_hits"]) == (2, 1)
+        assert by_phase["rollout"]["bytes_file_to_dram"] == 2 * store.record_bytes
+        with pytest.raises(ValueError, match="unknown phase 'train'"):
+            with store.in_phase("train"):
+                pass
+        assert store.phase == "other"
+        store.reset_stats()
+        assert store.stats_by_phase() == {}
 
 
 def test_simulator_reproduces_a_real_moe_training_run(tmp_path):
@@ -156,7 +189,8 @@ def test_trace_round_trips_through_npz(tmp_path):
         for step, ids in enumerate(([0, 1], [2], [3, 4])):
             trace.begin_step(step % 2)
             trace.record_prefetch([ids[0]])
-            store.prefetch([ids[0]])
+            with store.in_phase("rollout"):
+                store.prefetch([ids[0]])
             store.get_experts(ids)
             store.mark_dirty(ids)
             trace.record_layer(ids)

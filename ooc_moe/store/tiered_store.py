@@ -33,7 +33,7 @@ import torch
 from .file_tier import ExpertFile, FileMeta, dtype_name
 from .layout import Expert, RecordLayout
 from .residency import TierMap
-from .stats import StoreStats
+from .stats import PHASES, PhaseTally, StoreStats
 from .transfer import Move, TransferEngine, flush_moves, make_copies
 
 __all__ = ["TieredExpertStore", "TransferError", "DiskFullError"]
@@ -198,6 +198,7 @@ class TieredExpertStore:
         self._lock = threading.RLock()
         self._closed = False
         self.stats = StoreStats(bytes_moved=self._engine.bytes_moved)
+        self._phases = PhaseTally()
         # experts whose record holds a gradient not yet applied (MoE backward adds to it,
         # ExpertOptimizer.step consumes it)
         self.experts_with_grad: set[int] = set()
@@ -232,7 +233,7 @@ class TieredExpertStore:
                 self._touch(e)
             started = time.perf_counter()
             self._run(moves, wait_for=[self._plan.hbm_of[e] for e in ids])
-            self.stats.seconds_blocked += time.perf_counter() - started
+            self.stats.stall_seconds += time.perf_counter() - started
             self._in_use = ids
             return {e: self._expert(e) for e in ids}
 
@@ -385,6 +386,29 @@ class TieredExpertStore:
             self._check_usable()
             return e in self._plan.hbm_dirty or e in self._plan.dram_dirty
 
+    @property
+    def phase(self) -> str:
+        """What the caller is doing (one of ``PHASES``), set with ``in_phase``."""
+        return self._phases.phase
+
+    @contextmanager
+    def in_phase(self, phase: str) -> Iterator[None]:
+        """Count the calls made inside the block under ``phase`` (``rollout``, ``update``,
+        ``optimizer``, ``eval`` or ``other``); the previous phase is restored after it. A
+        trace being recorded gets the phase changes as events."""
+        previous = self.phase
+        self._set_phase(phase)
+        try:
+            yield
+        finally:
+            self._set_phase(previous)
+
+    def stats_by_phase(self) -> dict[str, dict]:
+        """``{phase: counters}`` (the keys of ``StoreStats.as_dict``) of every phase the store
+        has been called in since it was built (or ``reset_stats``)."""
+        with self._lock, self._engine.data_lock:
+            return self._phases.by_phase(self.stats)
+
     def get_stats_summary(self) -> dict:
         """The prototype's keys (hit_rate, total_hits, ...) plus per-tier figures."""
         s = self.stats
@@ -399,6 +423,7 @@ class TieredExpertStore:
             for link in self._engine.bytes_moved:
                 self._engine.bytes_moved[link] = 0
             self.stats = StoreStats(bytes_moved=self._engine.bytes_moved)
+            self._phases = PhaseTally(self._phases.phase)
 
     def shutdown(self) -> None:
         """Flush dirty records, stop the worker, free the pools and close the file
@@ -425,6 +450,14 @@ class TieredExpertStore:
                 f"{self.expert_dim}, hidden_dim={self.hidden_dim}, hbm_capacity="
                 f"{self.hbm_capacity}, dram_capacity={self.dram_capacity}, device="
                 f"'{self.device}', path='{self.path}')")
+
+    def _set_phase(self, phase: str) -> None:
+        with self._lock, self._engine.data_lock:
+            if phase == self._phases.phase:
+                return
+            self._phases.switch(self.stats, phase)     # raises on an unknown phase
+            if self.trace is not None:
+                self.trace.store_call("phase", (PHASES.index(phase),))
 
     # -- planning (under the lock) ------------------------------------------------------------
     def _plan_into_hbm(self, e: int, protected: set) -> list[Move] | None:

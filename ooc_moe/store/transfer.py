@@ -237,6 +237,9 @@ class TransferEngine:
                  if m.kind in ("write_down", "promote")}
         transfer = _Transfer(moves, [d for d in deps if not d.done() or d.exception()],
                              future, after)
+        for move in moves:      # counted when queued, so in the phase that decided the copy
+            if move.kind in LINKS:
+                self.bytes_moved[LINKS[move.kind]] += self._record_bytes
         if background:
             self._pending.add(future)
             future.add_done_callback(self._pending.discard)
@@ -310,5 +313,3 @@ class TransferEngine:
             self.copies.copy(h, d, self.hbm_pool[h], self.dram_pool[d], after)
         with self.data_lock:
             move.apply(self.data)
-            if move.kind in LINKS:
-                self.bytes_moved[LINKS[move.kind]] += self._record_bytes

@@ -6,8 +6,8 @@ episode cut by the cap scores what it had scored by then (stated with the result
 ``finished``). Actions are sampled from the policy, as in training, from a torch RNG seeded
 for the evaluation alone: evaluating changes neither the training's random stream nor the
 trainer's context windows. Through the MoE agent the evaluation's expert fetches are real
-store traffic; they are counted in ``routing`` (``[layers, experts]`` choices) but not in
-the training's per-update figures.
+store traffic, counted under the store's ``eval`` phase (not in the training's per-update
+figures); the expert choices are returned in ``routing`` (``[layers, experts]`` counts).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def evaluate(trainer: PPOTrainer, env, game_index: int, args: EvalArgs) -> dict:
     obs, _ = env.reset()
     new_episode = torch.ones(n, dtype=torch.bool, device=device)
     steps = 0
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda), trainer.phase("eval"):
         torch.manual_seed(args.seed)
         while steps < args.max_steps and not done.all():
             action, _, _, routing = trainer.act(torch.as_tensor(obs).to(device), new_episode,

@@ -26,6 +26,7 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,6 +129,12 @@ class PPOTrainer:
         self.routing_counts = [np.zeros((cfg.num_envs, layer.expert_store.num_experts))
                                for layer in agent.moe_layers]
         self.router_entropies: list[float] = []
+
+    def phase(self, name: str):
+        """A context in which the agent's store counts its calls under phase ``name``
+        (``TieredExpertStore.in_phase``); nothing for agents without a store."""
+        store = self.agent.store
+        return nullcontext() if store is None else store.in_phase(name)
 
     # -- acting ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -301,7 +308,8 @@ class PPOTrainer:
                                                   self.expert_opt))
                 self.dense_opt.step()
                 if self.expert_opt is not None:
-                    self.expert_opt.step()
+                    with self.phase("optimizer"):
+                        self.expert_opt.step()
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
@@ -332,10 +340,12 @@ class PPOTrainer:
     def iteration(self, env, state: dict, game: int) -> dict:
         """One rollout and one update; returns the logs (CleanRL's names)."""
         started = time.perf_counter()
-        finished = self.collect(env, state, game)
+        with self.phase("rollout"):
+            finished = self.collect(env, state, game)
         advantages, returns = self.advantages(state["next_value"],
                                               state["next_done"].float().to(self.device))
-        logs = self.update(advantages, returns)
+        with self.phase("update"):
+            logs = self.update(advantages, returns)
         logs["charts/learning_rate"] = self.dense_opt.param_groups[0]["lr"]
         logs["charts/SPS"] = self.args.batch_size / (time.perf_counter() - started)
         logs["charts/episodic_returns"] = [r for r, _ in finished]

@@ -6,8 +6,14 @@
 (``evaluate``: fixed seeds, the same in every run) -> one row of the retention matrix.
 
 Each update logs CleanRL's charts and losses plus the store's ``store/*`` figures (hit rate
-per tier, prefetch precision and coverage, bytes per link), the normalised mutual information
-between game and expert choice and the router entropy. With ``out``: ``metrics.json``
+per tier, prefetch precision and coverage, bytes per link; ``store/phases``: the counters of
+each phase, ``rollout``, ``update`` and ``optimizer``), the normalised mutual information
+between game and expert choice and the router entropy. ``metrics.json`` sums them into
+``cache`` (per phase, ``eval`` included: ``hbm_hit_rate``, ``prefetch_precision``,
+``prefetch_coverage``, ``stall_seconds``, bytes per link; the vocabulary of
+``ooc_moe.store.stats``) and ``bytes_per_update`` (update and optimizer phases); with
+``trace``, ``belady`` holds the same figures for Belady's policy replaying the run's own trace
+at its own capacities (the part of the run since it last started, after a resume). With ``out``: ``metrics.json``
 (rewritten after every update), TensorBoard event files with CleanRL's tags
 (``charts/episodic_return``, ``charts/SPS``, ``losses/*``, ...; ``store/*``, ``routing/*`` and
 each evaluation's ``eval/<game>``; ``tensorboard --logdir OUT``), checkpoints
@@ -38,12 +44,12 @@ from tqdm.auto import tqdm
 
 from ..agent import CNNAgent, CNNAgentConfig, DenseRLAgent, MoERLAgent, MoERLAgentConfig
 from ..detector import DetectorTrainer, EnvironmentDetector, PrefetchPlanner
-from ..metrics import (experts_per_game, normalized_mutual_information, prefetch_coverage,
-                       prefetch_precision)
+from ..metrics import (cache_figures, experts_per_game, normalized_mutual_information,
+                       prefetch_coverage, prefetch_precision)
 from ..scores import average_final_score, forgetting, human_normalized
 from ..store import TieredExpertStore
 from ..store.stats import LINKS
-from ..trace import RoutingTrace
+from ..trace import RoutingTrace, simulate
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import EvalArgs, evaluate
 from .ppo import PPOArgs, PPOTrainer
@@ -172,6 +178,39 @@ def _store_figures(store, before: dict) -> dict:
                for link in LINKS}}
 
 
+def _counter_delta(now: dict, before: dict) -> dict:
+    """``now - before`` of two ``stats_by_phase`` snapshots, phases without change left out."""
+    delta = {p: {k: v - before.get(p, {}).get(k, 0) for k, v in c.items()} for p, c in now.items()}
+    return {p: c for p, c in delta.items() if any(c.values())}
+
+
+def _add_counters(total: dict, by_phase: dict) -> dict:
+    for phase, counters in by_phase.items():
+        done = total.setdefault(phase, {})
+        for k, v in counters.items():
+            done[k] = done.get(k, 0) + v
+    return total
+
+
+def _cache_summary(by_phase: dict, updates: int) -> dict:
+    """Per phase ``cache_figures``, and the bytes moved per PPO update (update and optimizer
+    phases together)."""
+    moved = sum(v for p in ("update", "optimizer") for k, v in by_phase.get(p, {}).items()
+                if k.startswith("bytes_"))
+    return {"phases": {p: cache_figures(c) for p, c in by_phase.items()},
+            "bytes_per_update": moved / updates if updates else None}
+
+
+def _belady(trace: RoutingTrace, store: TieredExpertStore, updates: int) -> dict:
+    """Belady's policy replaying ``trace`` at the store's capacities (``_cache_summary``)."""
+    result = simulate(trace, store.hbm_capacity, store.dram_capacity, "belady",
+                      record_bytes=store.record_bytes)
+    summary = _cache_summary(result.by_phase, updates)
+    for figures in summary["phases"].values():
+        figures.pop("stall_seconds")            # a replay does not wait for copies
+    return summary
+
+
 class _Run:
     """One run's moving parts: agent, detector, trainer, and the schedule position."""
 
@@ -200,6 +239,9 @@ class _Run:
         self.retention: list[list[float]] = []        # one row per finished stage
         self.evaluations: list[list[dict]] = []       # the same, with returns and routing
         self.seconds = 0.0
+        self.eval_counters: dict = {}     # store counters of every evaluation, by phase
+        self.belady: dict | None = None   # at the end of a traced run: ``_belady``
+        self.updates_traced = 0           # updates since the trace started
         if saved is not None:
             self._restore(saved)
 
@@ -211,7 +253,8 @@ class _Run:
             "iteration": self.iteration, "history": self.history, "initial": self.initial,
             "initial_returns": self.initial_returns,
             "retention": self.retention, "evaluations": self.evaluations,
-            "seconds": self.seconds, "agent": self.agent.state_dict(),
+            "seconds": self.seconds, "eval_counters": self.eval_counters,
+            "agent": self.agent.state_dict(),
             "dense_opt": self.trainer.dense_opt.state_dict(),
             "routing_counts": self.trainer.routing_counts,
             "detector": None if det is None else {
@@ -228,6 +271,7 @@ class _Run:
         self.initial_returns = saved.get("initial_returns", [])   # older checkpoints: none
         self.retention, self.evaluations = saved["retention"], saved["evaluations"]
         self.seconds = saved["seconds"]
+        self.eval_counters = saved.get("eval_counters", {})       # older checkpoints: none
         self.agent.load_state_dict(saved["agent"])
         self.trainer.dense_opt.load_state_dict(saved["dense_opt"])
         self.trainer.routing_counts = saved["routing_counts"]
@@ -280,13 +324,16 @@ class _Run:
     # -- the protocol ---------------------------------------------------------------------
     def evaluate_all(self) -> list[dict]:
         """Evaluate every game of the sequence (one row of the retention matrix)."""
-        row = []
+        row, store = [], self.agent.store
+        before = store.stats_by_phase() if store is not None else None
         for game_index, game in enumerate(self.args.games):
             env = make_env(game, self.args.eval.episodes, self.args.eval.seed)
             try:
                 row.append(evaluate(self.trainer, env, game_index, self.args.eval))
             finally:
                 env.close()
+        if store is not None:
+            _add_counters(self.eval_counters, _counter_delta(store.stats_by_phase(), before))
         return row
 
     def train_stage(self, progress: bool, started: float, write) -> None:
@@ -303,15 +350,21 @@ class _Run:
             for it in bar:
                 if args.ppo.anneal_lr:
                     trainer.set_learning_rate(args.ppo.learning_rate * (1 - it / iterations))
-                before = agent.store.get_stats_summary() if agent.store is not None else None
-                if agent.store is not None and agent.store.trace is not None:
-                    agent.store.trace.begin_step(game_index)
+                store = agent.store
+                before = store.get_stats_summary() if store is not None else None
+                before_phases = store.stats_by_phase() if store is not None else None
+                if store is not None and store.trace is not None:
+                    store.trace.begin_step(game_index)
+                    self.updates_traced += 1
                 logs = trainer.iteration(env, state, game_index)
                 logs.update({"game": game, "game_index": game_index, "iteration": it,
                              "global_step": (game_index * iterations + it + 1)
                              * args.ppo.batch_size})
                 if before is not None:
-                    logs.update(_store_figures(agent.store, before))
+                    logs.update(_store_figures(store, before))
+                    logs["store/phases"] = _counter_delta(store.stats_by_phase(), before_phases)
+                    for phase, counters in logs["store/phases"].items():
+                        logs[f"store/{phase}_hit_rate"] = cache_figures(counters)["hbm_hit_rate"]
                     table = sum(trainer.routing_counts)
                     logs["routing/mutual_information"] = normalized_mutual_information(
                         table[:game_index + 1])
@@ -378,6 +431,8 @@ def train(args: TrainArgs, progress: bool = True, *, resume: bool = False,
             run.game_index, run.iteration = run.game_index + 1, 0
             run.checkpoint(started)
             write()
+        if trace is not None:
+            run.belady = _belady(trace, agent.store, run.updates_traced)
     finally:
         if agent.store is not None:
             agent.store.trace = None
@@ -428,6 +483,13 @@ def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> 
         metrics["router_entropy"] = [h["routing/router_entropy"] for h in history]
         metrics["bytes_moved"] = {link: float(sum(h[f"store/bytes_{link}"] for h in history))
                                   for link in LINKS}
+        by_phase = {}
+        for h in history:
+            _add_counters(by_phase, h.get("store/phases", {}))
+        metrics["cache"] = _cache_summary(_add_counters(by_phase, run.eval_counters),
+                                          len(history))
+    if run.belady is not None:
+        metrics["belady"] = run.belady
     if run.planner is not None:
         metrics["planner"] = run.planner.summary()
     metrics["history"] = history
