@@ -197,7 +197,9 @@ PPO_HELP = {
     "anneal_lr": "anneal the learning rate linearly to 0 over each game",
     "gamma": "discount factor",
     "gae_lambda": "GAE lambda",
-    "num_minibatches": "minibatches per epoch (drawn by environment for windowed agents)",
+    "num_minibatches": "minibatches per epoch",
+    "minibatches": "random: CleanRL's random steps (a window's older tokens without the "
+                   "encoder's gradient); env: whole rollouts of num_envs/num_minibatches envs",
     "update_epochs": "PPO epochs per update",
     "norm_adv": "normalise advantages per minibatch",
     "clip_coef": "surrogate (and value) clipping coefficient",

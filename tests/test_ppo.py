@@ -196,6 +196,52 @@ def test_the_logged_gradient_norm_is_the_global_one_before_clipping():
     agent.store.shutdown()
 
 
-def test_minibatches_must_split_the_envs():
-    with pytest.raises(ValueError, match="divisible by num_minibatches"):
-        PPOArgs(num_envs=6, num_minibatches=4)
+def test_minibatches_must_split_the_envs_or_the_batch():
+    with pytest.raises(ValueError, match="num_envs=6 must be divisible by num_minibatches"):
+        PPOArgs(num_envs=6, num_minibatches=4, minibatches="env")
+    with pytest.raises(ValueError, match="= 15 must be divisible by num_minibatches=2"):
+        PPOArgs(num_envs=3, num_steps=5, num_minibatches=2)
+    assert PPOArgs(num_envs=6, num_minibatches=4).minibatch_size == 192
+
+
+def test_random_minibatches_with_a_window_gather_every_steps_window(monkeypatch):
+    """A windowed agent's random minibatches: a random partition of all (step, env) pairs,
+    each with the window the environment-ordered path rebuilds for it; only the newest token
+    carries the encoder's gradient, and in rollout order the first update sees the rollout's
+    policy."""
+    torch.manual_seed(0)
+    agent = MoERLAgentConfig(**SMALL).create_agent("cpu")
+    trainer = PPOTrainer(agent, PPOArgs(num_envs=2, num_steps=6, num_minibatches=3,
+                                        update_epochs=1, minibatches="random"))
+    env = FixedEnv(2)
+    state = trainer.start(env, 0)
+    trainer.collect(env, state, 0)
+    trainer.collect(env, state, 0)    # windows reach into the prefix
+    batches = list(trainer.minibatches())
+    inds = torch.cat([i for i, _ in batches])
+    assert [len(i) for i, _ in batches] == [4, 4, 4]
+    assert sorted(inds.tolist()) == list(range(12)) and inds.tolist() != list(range(12))
+    trainer.args.minibatches = "env"
+    with monkeypatch.context() as m:
+        import ooc_moe.train.ppo as ppo
+        m.setattr(ppo.torch, "randperm", lambda n: torch.arange(n))
+        trainer.args.num_minibatches, trainer.args.envs_per_minibatch = 1, 2
+        (env_inds, reference), = trainer.minibatches()   # every step, step-major
+    trainer.args.minibatches = "random"
+    assert env_inds.tolist() == list(range(12))
+    for mb_inds, windows in batches:
+        assert windows.shape == (4, 3, 16)
+        torch.testing.assert_close(windows, reference[mb_inds])
+    mb_inds, windows = batches[0]
+    encoder = list(agent.encoder.parameters())
+    older = torch.autograd.grad(windows[:, :-1].sum(), encoder, allow_unused=True,
+                                retain_graph=True)
+    assert all(g is None or not g.any() for g in older)
+    newest = torch.autograd.grad(windows[:, -1].sum(), encoder, allow_unused=True)
+    assert any(g is not None and g.any() for g in newest)
+    agent.store.shutdown()
+
+
+def test_an_unknown_minibatch_mode_names_the_choices():
+    with pytest.raises(ValueError, match="random"):
+        PPOArgs(minibatches="steps")

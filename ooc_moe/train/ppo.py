@@ -5,11 +5,16 @@ gamma 0.99, GAE lambda 0.95, clip 0.1, clipped value loss, entropy 0.01, value 0
 norm 0.5; buffers ``obs, actions, logprobs, rewards, dones, values``; flattened ``b_*``;
 losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
 
-- the policy reads a window of ``context_len`` observations, so minibatches are drawn by
-  *environment* (as CleanRL's ``ppo_atari_lstm.py``) and the windows are rebuilt from the
-  rollout's frames (plus the frames before it), re-encoded with the current encoder; an agent
-  without a window (``context_len == 1``: ``CNNAgent``) gets CleanRL's random minibatches over
-  all steps and environments;
+- the policy reads a window of ``context_len`` observations, rebuilt for each step from the
+  rollout's frames (plus the frames before it) and re-encoded with the current encoder.
+  ``minibatches="random"`` (the default) draws CleanRL's random minibatches over all steps and
+  environments: each window's newest observation is encoded with the encoder's gradient, its
+  older ones without (the encoder still learns from every frame, as the newest token of its
+  own step), so a minibatch costs one encoder backward per step as CleanRL's.
+  ``minibatches="env"`` draws them by *environment* (as CleanRL's ``ppo_atari_lstm.py``): a
+  minibatch is ``num_envs / num_minibatches`` environments' whole rollouts, every token of
+  every window with the encoder's gradient; an agent without a window (``context_len == 1``:
+  ``CNNAgent``) always gets random minibatches;
 - an agent that routes by game (``env``, ``cohort``) is updated with the game each step was
   *routed* with while acting (the detector's prediction, where a detector is trained), kept
   in ``games``, so rollout and update policies are the same function of the game;
@@ -38,7 +43,9 @@ from ..agent import ContextWindows
 from ..metrics import router_entropy
 from ..moe.optim import ExpertOptimizer, clip_grad_norm_
 
-__all__ = ["PPOArgs", "RolloutBuffer", "PPOTrainer"]
+__all__ = ["PPOArgs", "RolloutBuffer", "PPOTrainer", "MINIBATCHES"]
+
+MINIBATCHES = ("random", "env")
 
 
 @dataclass
@@ -49,7 +56,8 @@ class PPOArgs:
     anneal_lr: bool = True       # anneal the learning rate linearly to 0 over a game
     gamma: float = 0.99          # discount
     gae_lambda: float = 0.95     # GAE lambda
-    num_minibatches: int = 4     # minibatches per epoch (by environment with a window)
+    num_minibatches: int = 4     # minibatches per epoch
+    minibatches: str = "random"  # "random" steps (CleanRL) or whole rollouts of "env"s
     update_epochs: int = 4       # epochs per update
     norm_adv: bool = True        # normalise advantages per minibatch
     clip_coef: float = 0.1       # surrogate clipping
@@ -65,10 +73,17 @@ class PPOArgs:
     envs_per_minibatch: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.num_envs % self.num_minibatches:
-            raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches="
-                             f"{self.num_minibatches} (minibatches are drawn by environment)")
+        if self.minibatches not in MINIBATCHES:
+            raise ValueError(f"minibatches must be one of {MINIBATCHES}, got "
+                             f"{self.minibatches!r} (e.g. --minibatches random)")
         self.batch_size = self.num_envs * self.num_steps
+        if self.minibatches == "env" and self.num_envs % self.num_minibatches:
+            raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches="
+                             f"{self.num_minibatches} with minibatches='env' (or use "
+                             "--minibatches random)")
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(f"num_envs x num_steps = {self.batch_size} must be divisible by "
+                             f"num_minibatches={self.num_minibatches}")
         self.minibatch_size = self.batch_size // self.num_minibatches
         self.envs_per_minibatch = self.num_envs // self.num_minibatches
 
@@ -246,16 +261,16 @@ class PPOTrainer:
     def minibatches(self):
         """One epoch's minibatches: ``(mb_inds, windows)``, ``mb_inds`` into the flattened
         ``[num_steps * num_envs]`` (step-major) buffers, ``windows [len(mb_inds), T, dim]``
-        encoded with the current encoder. By environment with a window (its steps in order,
-        rebuilt from the frames), CleanRL's random minibatches of steps without one."""
+        encoded with the current encoder (``PPOArgs.minibatches`` says how they are drawn)."""
         args, b, agent = self.args, self.buffer, self.agent
         S, N, T = args.num_steps, args.num_envs, agent.context_len
-        if T == 1:
-            frames = b.frames.flatten(0, 1)                           # [S*N, C, H, W]
-            for mb_inds in torch.randperm(args.batch_size).split(args.minibatch_size):
-                yield mb_inds, agent.encode(frames[mb_inds].to(self.device))[:, None]
-            return
         index = b.window_index(T)                                     # [S, N, T]
+        if T == 1 or args.minibatches == "random":
+            frames = b.frames.flatten(0, 1)                  # [(P+S)*N, C, H, W], frame-major
+            keys = (index * N + torch.arange(N)[None, :, None]).flatten(0, 1)   # [S*N, T]
+            for mb_inds in torch.randperm(args.batch_size).split(args.minibatch_size):
+                yield mb_inds, self._windows_of(frames, keys[mb_inds])
+            return
         for mb_envs in torch.randperm(N).split(args.envs_per_minibatch):
             n = len(mb_envs)
             frames = b.frames[:, mb_envs].to(self.device)              # [P+S, n, C, H, W]
@@ -264,6 +279,18 @@ class PPOTrainer:
             windows = tokens[idx, torch.arange(n, device=self.device)[None, :, None]]
             mb_inds = (torch.arange(S)[:, None] * N + mb_envs[None, :]).flatten()
             yield mb_inds, windows.flatten(0, 1)                      # [S*n, T, dim]
+
+    def _windows_of(self, frames: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``[B, T, dim]`` windows of the frames ``keys [B, T]`` points at: the newest
+        encoded with the encoder's gradient, the older ones (each distinct frame once)
+        without."""
+        newest = self.agent.encode(frames[keys[:, -1]].to(self.device))
+        if keys.shape[1] == 1:
+            return newest[:, None]
+        older, inverse = keys[:, :-1].unique(return_inverse=True)
+        with torch.no_grad():
+            tokens = self.agent.encode(frames[older].to(self.device))
+        return torch.cat([tokens[inverse.to(self.device)], newest[:, None]], 1)
 
     def update(self, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
         """PPO epochs over ``minibatches``; returns the last losses (CleanRL's names)."""
