@@ -9,8 +9,9 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
   rollout's frames (plus the frames before it) and re-encoded with the current encoder.
   ``minibatches="random"`` (the default) draws CleanRL's random minibatches over all steps and
   environments: each window's newest observation is encoded with the encoder's gradient, its
-  older ones without (the encoder still learns from every frame, as the newest token of its
-  own step), so a minibatch costs one encoder backward per step as CleanRL's.
+  older ones come from a no-grad encoding of the rollout's frames made at the start of each
+  epoch (the encoder still learns from every frame, as the newest token of its own step), so
+  an epoch costs one encoder backward per step, as CleanRL's, plus one forward per frame.
   ``minibatches="env"`` draws them by *environment* (as CleanRL's ``ppo_atari_lstm.py``): a
   minibatch is ``num_envs / num_minibatches`` environments' whole rollouts, every token of
   every window with the encoder's gradient; an agent without a window (``context_len == 1``:
@@ -268,8 +269,13 @@ class PPOTrainer:
         if T == 1 or args.minibatches == "random":
             frames = b.frames.flatten(0, 1)                  # [(P+S)*N, C, H, W], frame-major
             keys = (index * N + torch.arange(N)[None, :, None]).flatten(0, 1)   # [S*N, T]
+            older = None
+            if T > 1:                      # every frame once, without gradient, per epoch
+                with torch.no_grad():
+                    older = torch.cat([agent.encode(f.to(self.device))
+                                       for f in frames.split(args.minibatch_size)])
             for mb_inds in torch.randperm(args.batch_size).split(args.minibatch_size):
-                yield mb_inds, self._windows_of(frames, keys[mb_inds])
+                yield mb_inds, self._windows_of(frames, keys[mb_inds], older)
             return
         for mb_envs in torch.randperm(N).split(args.envs_per_minibatch):
             n = len(mb_envs)
@@ -280,17 +286,15 @@ class PPOTrainer:
             mb_inds = (torch.arange(S)[:, None] * N + mb_envs[None, :]).flatten()
             yield mb_inds, windows.flatten(0, 1)                      # [S*n, T, dim]
 
-    def _windows_of(self, frames: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def _windows_of(self, frames: torch.Tensor, keys: torch.Tensor,
+                    older: torch.Tensor | None) -> torch.Tensor:
         """``[B, T, dim]`` windows of the frames ``keys [B, T]`` points at: the newest
-        encoded with the encoder's gradient, the older ones (each distinct frame once)
-        without."""
-        newest = self.agent.encode(frames[keys[:, -1]].to(self.device))
-        if keys.shape[1] == 1:
-            return newest[:, None]
-        older, inverse = keys[:, :-1].unique(return_inverse=True)
-        with torch.no_grad():
-            tokens = self.agent.encode(frames[older].to(self.device))
-        return torch.cat([tokens[inverse.to(self.device)], newest[:, None]], 1)
+        encoded now, with the encoder's gradient, the older ones taken from ``older`` (the
+        tokens of every frame, encoded without gradient)."""
+        newest = self.agent.encode(frames[keys[:, -1]].to(self.device))[:, None]
+        if older is None:
+            return newest
+        return torch.cat([older[keys[:, :-1].to(self.device)], newest], 1)
 
     def update(self, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
         """PPO epochs over ``minibatches``; returns the last losses (CleanRL's names)."""
