@@ -57,3 +57,40 @@ def test_notebooks_are_numbered_and_use_the_python3_kernel():
         assert re.match(r"^\d\d_[a-z0-9_]+\.ipynb$", nb.name), nb.name
         meta = json.loads(nb.read_text())["metadata"]
         assert meta["kernelspec"]["name"] == "python3"
+
+
+def test_plots_never_train_and_modules_import_no_circle():
+    """``viz`` draws what it is handed: importing it loads no training code; and no
+    subpackage imports one that imports it back (any import, deferred ones in functions
+    too)."""
+    import ast
+    import subprocess
+    import sys
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, ooc_moe.viz; "
+         "print(' '.join(m for m in sys.modules if m.startswith('ooc_moe.train')))"],
+        capture_output=True, text=True, timeout=300, check=True).stdout.split()
+    assert loaded == [], f"importing ooc_moe.viz loads {loaded}"
+    package = ROOT / "ooc_moe"
+
+    def name_of(path: Path) -> str:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    def subpackage(module: str) -> str:        # ooc_moe.viz.agent -> ooc_moe.viz
+        return ".".join(module.split(".")[:2])
+
+    edges = {}
+    for path in package.rglob("*.py"):
+        module = name_of(path)
+        base = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                target = base.rsplit(".", node.level - 1)[0] if node.level > 1 else base
+                target = f"{target}.{node.module}" if node.module else target
+                if subpackage(target) != subpackage(module):
+                    edges.setdefault(subpackage(module), set()).add(subpackage(target))
+    circles = [(a, b) for a, targets in edges.items() for b in targets
+               if a in edges.get(b, set())]
+    assert not circles, f"subpackages importing each other: {circles}"

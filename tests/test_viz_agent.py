@@ -14,11 +14,10 @@ from matplotlib.collections import PolyCollection  # noqa: E402
 
 from ooc_moe.agent import DenseRLAgent, MoERLAgentConfig  # noqa: E402
 from ooc_moe.envs import make_synthetic  # noqa: E402
-from ooc_moe.train import EvalArgs, PPOArgs, TrainArgs  # noqa: E402
+from ooc_moe.train import EvalArgs, PPOArgs, TrainArgs, train_run  # noqa: E402
 from ooc_moe.viz import (layer_routing_counts, one_rollout, plot_layer_routing,  # noqa: E402
                          plot_learning_curve, plot_param_budget, plot_rollout_routing,
-                         plot_store_history, position_routing_counts, summarize_history,
-                         train_run)
+                         plot_store_history, position_routing_counts, summarize_history)
 from ooc_moe.store.stats import LINKS  # noqa: E402
 
 TINY = dict(num_experts=8, expert_dim=16, expert_hidden=32, num_layers=2, num_heads=2,

@@ -49,6 +49,7 @@ from ..metrics import (cache_figures, experts_per_game, normalized_mutual_inform
 from ..scores import average_final_score, forgetting, human_normalized
 from ..store import TieredExpertStore
 from ..store.stats import LINKS
+from ..threads import one_thread
 from ..trace import RoutingTrace, simulate
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import EvalArgs, evaluate
@@ -449,6 +450,13 @@ def train(args: TrainArgs, progress: bool = True, *, resume: bool = False,
         _write_json(out / "metrics.json", metrics)
     metrics["agent"] = agent
     return metrics
+
+
+def train_run(args: TrainArgs, progress: bool = False) -> dict:
+    """``train(args)`` with one torch thread (restored afterwards), as the notebooks run it:
+    the models there are small, and extra threads only compete with the envs and the store."""
+    with one_thread():
+        return train(args, progress=progress)
 
 
 def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> dict:

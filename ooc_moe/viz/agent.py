@@ -15,10 +15,10 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from ..agent import ContextWindows, MoERLAgent, MoERLAgentConfig
-from ..train import TrainArgs, train
 from ..store.stats import LINKS
+from ..threads import one_thread
 from ._common import (BOUNDARY_COLOUR, CLAIMED_HIT_RATE, LINK_COLOURS, TIER_COLOURS,
-                      TIER_LABELS, link_label, one_thread)
+                      TIER_LABELS, link_label)
 
 
 def _named(items, kind: type, name: str) -> dict:
@@ -205,13 +205,6 @@ def plot_rollout_routing(rollout: dict, title: str | None = None) -> Figure:
     return fig
 
 
-def train_run(args: TrainArgs, progress: bool = False) -> dict:
-    """``ooc_moe.train.train(args)`` with one torch thread (restored afterwards): the models
-    here are small, and extra threads only compete with the environments and the store."""
-    with one_thread():
-        return train(args, progress=progress)
-
-
 def _update_returns(history: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Global steps and mean episodic return of the updates that finished an episode."""
     rows = [(h["global_step"], np.mean(h["charts/episodic_returns"])) for h in history
@@ -275,7 +268,7 @@ def plot_learning_curve(runs: Sequence[dict] | Mapping[str, Sequence[dict]],
     curve.set(xlabel="environment steps (global_step)", ylabel="episodic return",
               title="(a) return")
     curve.legend(fontsize=8, loc="upper left")
-    _plot_tier_history(tiers, runs)
+    plot_tier_history(tiers, runs)
     return fig
 
 
@@ -291,8 +284,9 @@ TIER_KEYS = {"hbm": "store/hit_rate", "dram": "store/dram_hit_rate",
              "file": "store/file_read_rate"}
 
 
-def _plot_tier_history(ax: Axes, runs: Mapping[str, Sequence[dict]]) -> None:
-    """(b) of ``plot_learning_curve``: the store's shares per update, stacked."""
+def plot_tier_history(ax: Axes, runs: Mapping[str, Sequence[dict]]) -> None:
+    """Onto ``ax``, the store's shares per update (HBM, DRAM, file), stacked, for the first
+    run of ``runs`` that has a store (panel (b) of ``plot_learning_curve``)."""
     stored = [(name, h) for name, h in runs.items() if h and "store/hit_rate" in h[0]]
     if not stored:
         ax.text(0.5, 0.5, "no expert store (dense agent)", ha="center", va="center",

@@ -20,7 +20,8 @@ from ..frame_moe import FrameMoE, routing_per_frame, train_sequentially
 from ..metrics import (game_expert_counts, normalized_mutual_information, router_entropy)
 from ..store import TieredExpertStore
 from ..trace import POLICIES, RoutingTrace, SimResult, simulate
-from ._common import BOUNDARY_COLOUR, CLAIMED_HIT_RATE, TIER_COLOURS, one_thread
+from ..threads import one_thread
+from ._common import BOUNDARY_COLOUR, CLAIMED_HIT_RATE, TIER_COLOURS
 
 
 PREFETCH_CHOICES = ("none", "recorded", "detector", "oracle")

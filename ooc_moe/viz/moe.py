@@ -19,7 +19,8 @@ from ..moe.layer import Dispatch
 from ..moe.router import load_balancing_loss, router_z_loss
 from ..store import TieredExpertStore
 from ..store.stats import LINKS
-from ._common import LINK_COLOURS, TIER_COLOURS, link_label, one_thread
+from ..threads import one_thread
+from ._common import LINK_COLOURS, TIER_COLOURS, link_label
 
 
 def routing_loss_curves(num_experts: int = 8, top_k: int = 2, tokens_per_game: int = 64, *,

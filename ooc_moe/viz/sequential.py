@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..metrics import normalized_mutual_information
-from .agent import _plot_tier_history
+from .agent import plot_tier_history
 
 
 RUN_COLOURS = {"token": "#264653", "env": "#2a9d8f", "dense": "#e76f51"}
@@ -88,7 +88,7 @@ def plot_forgetting(summary: Mapping[str, dict]) -> Figure:
 def plot_hit_rate_over_time(metrics: dict) -> Figure:
     """Where a MoE run's expert accesses were served, per update, with game boundaries."""
     fig, ax = plt.subplots(figsize=(8, 3.4), layout="constrained")
-    _plot_tier_history(ax, {"MoE": metrics["history"]})
+    plot_tier_history(ax, {"MoE": metrics["history"]})
     ax.set_title("where the MoE run's expert accesses were served, per update (dotted: a new "
                  "game)", fontsize=10)
     return fig
