@@ -11,7 +11,9 @@ A run trains on games ``g1..gN`` one after another and, after each stage, evalua
 
 Human-normalised score = ``100 * (score - random) / (human - random)`` with the random and human
 scores of the table used since Badia et al. (2020, Agent57), ``HUMAN_SCORES`` below; games not
-in it get ``nan``. Spread over seeds: ``bootstrap_interval`` (percentile bootstrap of the mean).
+in it get ``nan``. Aggregates over runs x games: ``aggregate_scores``, the interquartile mean
+and the mean with stratified-bootstrap 95% intervals from ``rliable`` (Agarwal et al., 2021,
+*Deep RL at the edge of the statistical precipice*), as the field reports them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["HUMAN_SCORES", "human_normalized", "forgetting", "average_final_score",
-           "bootstrap_interval"]
+           "aggregate_scores"]
 
 # game: (random, human), the table of Badia et al. (2020), Agent57, appendix H
 HUMAN_SCORES: dict[str, tuple[float, float]] = {
@@ -67,14 +69,24 @@ def average_final_score(retention, games: Sequence[str]) -> float:
     return float(np.mean(known)) if known else math.nan
 
 
-def bootstrap_interval(values: Sequence[float], confidence: float = 0.95,
-                       resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (one per seed)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        raise ValueError("no values to bootstrap")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    means = np.random.default_rng(seed).choice(v, (resamples, v.size)).mean(1)
-    tail = (1 - confidence) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+def aggregate_scores(scores, reps: int = 2000, seed: int = 0) -> dict:
+    """``scores [runs, games]`` (human-normalised final scores, say) -> ``iqm`` and ``mean``
+    with their 95% ``*_interval`` from rliable's stratified bootstrap (runs resampled within
+    each game; ``seed`` makes it repeatable)."""
+    from rliable import library as rly, metrics      # slow to import; only needed here
+
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim != 2 or x.size == 0 or np.isnan(x).any():
+        raise ValueError(f"scores must be a [runs, games] array without nan, got shape "
+                         f"{x.shape}")
+    state = np.random.get_state()        # rliable resamples with numpy's global generator
+    np.random.seed(seed)
+    try:
+        point, interval = rly.get_interval_estimates(
+            {"x": x}, lambda s: np.array([metrics.aggregate_iqm(s), metrics.aggregate_mean(s)]),
+            reps=reps)
+    finally:
+        np.random.set_state(state)
+    (iqm, mean), ((iqm_low, mean_low), (iqm_high, mean_high)) = point["x"], interval["x"]
+    return {"iqm": float(iqm), "iqm_interval": [float(iqm_low), float(iqm_high)],
+            "mean": float(mean), "mean_interval": [float(mean_low), float(mean_high)]}

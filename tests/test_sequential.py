@@ -15,7 +15,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from ooc_moe.scores import (HUMAN_SCORES, average_final_score, bootstrap_interval,  # noqa: E402
+from ooc_moe.scores import (HUMAN_SCORES, aggregate_scores, average_final_score,  # noqa: E402
                             forgetting, human_normalized)
 from ooc_moe.train import (EvalArgs, PPOArgs, PPOTrainer, TrainArgs, args_from_json,  # noqa: E402
                            build_agent, evaluate, find_checkpoint, format_summary,
@@ -59,13 +59,19 @@ def test_human_normalized_scores_follow_the_table():
     assert np.isnan(average_final_score(r, ["synthetic-0", "synthetic-1"]))
 
 
-def test_bootstrap_interval_brackets_the_mean_within_the_range():
-    values = [1.0, 2.0, 4.0, 8.0]
-    low, high = bootstrap_interval(values)
-    assert min(values) <= low < np.mean(values) < high <= max(values)
-    assert bootstrap_interval([3.0]) == (3.0, 3.0)
-    with pytest.raises(ValueError, match="no values"):
-        bootstrap_interval([])
+def test_aggregate_scores_are_rliables_iqm_and_mean_with_repeatable_intervals():
+    # 4 runs x 2 games; by hand: the IQM is the mean of the middle half of all 8 scores
+    scores = np.array([[0.0, 10.0], [1.0, 20.0], [2.0, 30.0], [100.0, 40.0]])
+    middle = np.sort(scores.ravel())[2:6]                      # 2, 10, 20, 30
+    a = aggregate_scores(scores)
+    assert a["iqm"] == pytest.approx(middle.mean())
+    assert a["mean"] == pytest.approx(scores.mean())
+    for key in ("iqm", "mean"):
+        low, high = a[f"{key}_interval"]
+        assert scores.min() <= low <= a[key] <= high <= scores.max()
+    assert aggregate_scores(scores) == a                       # seeded: the same again
+    with pytest.raises(ValueError, match="without nan"):
+        aggregate_scores([[1.0, float("nan")]])
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -354,7 +360,7 @@ def test_experiment_writes_every_run_and_a_summary(experiment):
     text = format_summary(summary)
     assert "after synthetic-1" in text and "token (seeds 1,2)" in text and "NMI" in text
     assert "prefetch precision" in text and "rise in own stage" in text
-    assert "bootstrap over seeds" not in text          # nan scores: synthetic games
+    assert "IQM" not in text                           # nan scores: synthetic games
     assert "capped at 12 steps; 0% of them finished" in text      # 200-step episodes
     assert json.loads((out / "summary.json").read_text())["dense"]["seeds"] == [1, 2]
 
@@ -369,16 +375,18 @@ def test_noise_of_rises_and_forgetting_is_a_t_interval_over_episodes_or_seeds():
                "args": {"seed": 1, "eval": {"episodes": 3}},
                "initial": [1.0, 1.0], "retention": [[6.0, 2.0], [0.0, 5.0]],
                "forgetting": [6.0, 0.0], "average_final_score": float("nan"), "sps": 1.0,
+               "human_normalized": [[float("nan")] * 2] * 2,
                "seconds": 1.0, "device": "cpu", "date": "today", "eval_finished": [[3, 3]]}
     rise, forgot = paired_changes(metrics)
     assert rise.tolist() == [[4.0, 6.0, 5.0], [4.0, 4.0, 4.0]]
     assert forgot.tolist() == [[4.0, 8.0, 6.0], [0.0, 0.0, 0.0]]
-    assert half_width_95(np.array([4.0, 6.0, 5.0])) == pytest.approx(4.30 / np.sqrt(3))
+    t_975_2 = 4.302652729911275          # Student's t, 2 degrees of freedom, two-sided 95%
+    assert half_width_95(np.array([4.0, 6.0, 5.0])) == pytest.approx(t_975_2 / np.sqrt(3))
     assert np.isnan(half_width_95(np.array([1.0])))
     one = summarize({"moe-seed1": metrics})["moe"]
     assert one["rise"] == [5.0, 4.0]
-    np.testing.assert_allclose(one["rise_noise"], [4.30 / np.sqrt(3), 0.0])
-    np.testing.assert_allclose(one["forgetting_noise"], [4.30 * 2 / np.sqrt(3), 0.0])
+    np.testing.assert_allclose(one["rise_noise"], [t_975_2 / np.sqrt(3), 0.0])
+    np.testing.assert_allclose(one["forgetting_noise"], [t_975_2 * 2 / np.sqrt(3), 0.0])
     verdict = format_verdict({"moe": one})
     assert "learned beyond noise during its own stage: a, b" in verdict   # 5 > 2.48, 4 > 0
     assert "forgotten beyond noise by the end: a" in verdict              # 6 > 4.97
@@ -386,9 +394,10 @@ def test_noise_of_rises_and_forgetting_is_a_t_interval_over_episodes_or_seeds():
              "initial": [3.0, 1.0], "forgetting": [2.0, 0.0]}             # rises 3 and 4
     two = summarize({"moe-seed1": metrics, "moe-seed2": seed2})["moe"]
     assert two["rise"] == [4.0, 4.0]
-    np.testing.assert_allclose(two["rise_noise"], [12.71 * np.std([5, 3], ddof=1) / np.sqrt(2),
+    t_975_1 = 12.706204736174707         # Student's t, 1 degree of freedom
+    np.testing.assert_allclose(two["rise_noise"], [t_975_1 * np.std([5, 3], ddof=1) / np.sqrt(2),
                                                    0.0])
-    np.testing.assert_allclose(two["forgetting_noise"], [12.71 * np.std([6, 2], ddof=1) / np.sqrt(2),
+    np.testing.assert_allclose(two["forgetting_noise"], [t_975_1 * np.std([6, 2], ddof=1) / np.sqrt(2),
                                                          0.0])
     assert "learned beyond noise during its own stage: b;" in format_verdict({"moe": two})
     quiet = format_verdict({"moe": {**one, "rise": [1.0, 0.0]}})

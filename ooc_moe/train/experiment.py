@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 
-from ..scores import bootstrap_interval
+from ..scores import aggregate_scores
 from .checkpoint import find_checkpoint
 from .run import TrainArgs, train
 
@@ -75,18 +76,13 @@ def load_results(out: str | Path) -> dict[str, dict]:
     return {name: metrics for name, metrics in runs.items() if metrics.get("finished")}
 
 
-# two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond the table)
-T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26,
-         10: 2.23, 15: 2.13, 20: 2.09, 30: 2.04}
-
-
 def half_width_95(samples: np.ndarray) -> np.ndarray:
-    """95% half-width of the mean over the last axis (a t interval); NaN with one sample."""
+    """95% half-width of the mean over the last axis (Student's t interval,
+    ``scipy.stats.t``); NaN with one sample."""
     k = samples.shape[-1]
     if k < 2:
         return np.full(samples.shape[:-1], np.nan)
-    t = T_975[max(d for d in T_975 if d <= k - 1)] if k - 1 <= 30 else 1.96
-    return t * samples.std(-1, ddof=1) / math.sqrt(k)
+    return stats.t.ppf(0.975, k - 1) * samples.std(-1, ddof=1) / math.sqrt(k)
 
 
 def paired_changes(metrics: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +99,8 @@ def summarize(results: Mapping[str, dict]) -> dict:
     """Per kind of run, over its seeds: mean retention matrix, forgetting (mean, min, max),
     each game's rise during its own stage, the noise of both (95% half-widths: over seeds
     when there are several, else over the evaluation's paired episodes), average final
-    human-normalised score (mean, min, max, bootstrap interval), store figures, SPS."""
+    human-normalised score (mean, min, max; ``aggregate``: IQM and mean over runs x games with
+    rliable's stratified-bootstrap intervals), store figures, SPS."""
     by_kind: dict[str, list[dict]] = {}
     for name, metrics in results.items():
         by_kind.setdefault(name.rsplit("-seed", 1)[0], []).append(metrics)
@@ -135,9 +132,10 @@ def summarize(results: Mapping[str, dict]) -> dict:
             rise, forgot = paired_changes(runs[0])
             s["rise_noise"] = half_width_95(rise).tolist()
             s["forgetting_noise"] = half_width_95(forgot).tolist()
-        known = [f for f in finals if not math.isnan(f)]
-        if len(known) > 1:
-            s["average_final_score_interval"] = bootstrap_interval(known)
+        final_rows = np.array([m["human_normalized"][-1] for m in runs])  # [runs, games]
+        known = final_rows[:, ~np.isnan(final_rows).any(0)]        # games in the table
+        if known.size and len(runs) > 1:
+            s["aggregate"] = aggregate_scores(known)
         if "hit_rate" in runs[0]:
             s["hit_rate"] = float(np.mean([np.mean(m["hit_rate"]) for m in runs]))
             s["mutual_information"] = float(np.mean([np.mean(m["mutual_information"])
@@ -194,6 +192,10 @@ def format_summary(summary: Mapping[str, dict]) -> str:
         if len(s["seeds"]) > 1:
             text += (f" (seeds: {s['average_final_score_min']:.1f} to "
                      f"{s['average_final_score_max']:.1f})")
+        if "aggregate" in s:
+            a = s["aggregate"]
+            text += (f"  IQM {a['iqm']:.1f} [{a['iqm_interval'][0]:.1f}, "
+                     f"{a['iqm_interval'][1]:.1f}] (runs x games, 95% stratified bootstrap)")
         text += f"  SPS {s['sps']:5.0f}  {s['seconds'] / 60:5.1f} min/run"
         lines.append(text)
         if "hit_rate" in s:
