@@ -11,7 +11,12 @@ A run trains on games ``g1..gN`` one after another and, after each stage, evalua
 
 Human-normalised score = ``100 * (score - random) / (human - random)`` with the random and human
 scores of the table used since Badia et al. (2020, Agent57), ``HUMAN_SCORES`` below; games not
-in it get ``nan``. Aggregates over runs x games: ``aggregate_scores``, the interquartile mean
+in it get ``nan``. The table's scores are of whole games; an evaluation capped at fewer steps
+scores differently even when it plays randomly (a capped Pong game loses fewer points), so a
+run passes ``random_score``: uniformly random actions evaluated under its own protocol (same
+cap, same seeds, ``train.evaluate.evaluate_random``), which replaces the table's random score
+in the numerator (the table's human - random span stays the unit). An untrained agent then
+scores about 0. Aggregates over runs x games: ``aggregate_scores``, the interquartile mean
 and the mean with stratified-bootstrap 95% intervals from ``rliable`` (Agarwal et al., 2021,
 *Deep RL at the edge of the statistical precipice*), as the field reports them.
 """
@@ -37,12 +42,14 @@ HUMAN_SCORES: dict[str, tuple[float, float]] = {
 }
 
 
-def human_normalized(game: str, score: float) -> float:
-    """``100 * (score - random) / (human - random)``; nan for a game not in the table."""
+def human_normalized(game: str, score: float, random_score: float | None = None) -> float:
+    """``100 * (score - random) / (human - random)``, ``random`` being ``random_score`` where
+    given (random play under the same protocol); nan for a game not in the table."""
     if game not in HUMAN_SCORES:
         return math.nan
     random, human = HUMAN_SCORES[game]
-    return 100.0 * (score - random) / (human - random)
+    baseline = random if random_score is None else random_score
+    return 100.0 * (score - baseline) / (human - random)
 
 
 def _square(retention) -> np.ndarray:
@@ -59,12 +66,15 @@ def forgetting(retention) -> np.ndarray:
     return np.diag(r) - r[-1]
 
 
-def average_final_score(retention, games: Sequence[str]) -> float:
-    """Mean human-normalised score of the last row (games outside the table left out)."""
+def average_final_score(retention, games: Sequence[str],
+                        random_scores: Sequence[float] | None = None) -> float:
+    """Mean human-normalised score of the last row (games outside the table left out),
+    against ``random_scores`` (one per game, ``human_normalized``) where given."""
     r = _square(retention)
     if len(games) != r.shape[1]:
         raise ValueError(f"{len(games)} game names for {r.shape[1]} columns")
-    scores = [human_normalized(g, s) for g, s in zip(games, r[-1])]
+    randoms = [None] * len(games) if random_scores is None else random_scores
+    scores = [human_normalized(g, s, b) for g, s, b in zip(games, r[-1], randoms)]
     known = [s for s in scores if not math.isnan(s)]
     return float(np.mean(known)) if known else math.nan
 

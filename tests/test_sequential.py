@@ -18,7 +18,8 @@ matplotlib.use("Agg")
 from ooc_moe.scores import (HUMAN_SCORES, aggregate_scores, average_final_score,  # noqa: E402
                             forgetting, human_normalized)
 from ooc_moe.train import (EvalArgs, PPOArgs, PPOTrainer, TrainArgs, args_from_json,  # noqa: E402
-                           build_agent, evaluate, find_checkpoint, format_summary,
+                           build_agent, evaluate, evaluate_random, find_checkpoint,
+                           format_summary,
                            format_verdict, half_width_95, load_checkpoint, make_env,
                            paired_changes, run_experiment, save_checkpoint, summarize,
                            train)
@@ -53,6 +54,32 @@ def test_human_normalized_scores_follow_the_table():
     assert human_normalized("boxing", 6.1) == pytest.approx(50.0)
     assert np.isnan(human_normalized("synthetic-0", 3.0))
     assert all(human < random or human > random for random, human in HUMAN_SCORES.values())
+    # random play under the run's own protocol replaces the table's random score
+    assert human_normalized("pong", -10.0, random_score=-12.0) == pytest.approx(
+        100 * 2.0 / (14.6 + 20.7))
+    assert average_final_score([[-10.0]], ["pong"], [-12.0]) == pytest.approx(
+        100 * 2.0 / (14.6 + 20.7))
+
+
+def test_an_untrained_agent_scores_about_zero_under_a_capped_evaluation():
+    """Capped at 150 agent steps, Pong loses few points whatever the policy: normalised with
+    the table's whole-game random score an untrained agent gains tens of points from the cap
+    alone; against random play under the same cap and seeds it scores about 0."""
+    args = tiny(games=("pong",), eval=EvalArgs(episodes=8, max_steps=150))
+    agent = build_agent(args)
+    trainer = PPOTrainer(agent, PPOArgs(num_envs=8, num_steps=8, num_minibatches=1))
+    scores = {}
+    for name, play in (("untrained", lambda env: evaluate(trainer, env, 0, args.eval)),
+                       ("random", lambda env: evaluate_random(env, args.eval))):
+        env = make_env("pong", args.eval.episodes, args.eval.seed)
+        try:
+            scores[name] = play(env)["score"]
+        finally:
+            env.close()
+    assert human_normalized("pong", scores["untrained"]) > 25             # the cap's gift
+    assert abs(human_normalized("pong", scores["untrained"], scores["random"])) < 10
+    if agent.store is not None:
+        agent.store.shutdown()
     r = [[0.0, 0.0], [-20.7, 12.1]]
     assert average_final_score(r, ["pong", "boxing"]) == pytest.approx(50.0)
     assert average_final_score(r, ["pong", "synthetic-1"]) == pytest.approx(0.0)

@@ -1,14 +1,14 @@
 """PPO training of the MoE agent (and its dense baseline) on games played in sequence."""
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .evaluate import EvalArgs, evaluate
+from .evaluate import EvalArgs, evaluate, evaluate_random
 from .experiment import (RUN_KINDS, format_summary, format_verdict, half_width_95,
                          load_results, paired_changes, run_experiment, summarize)
 from .ppo import PPOArgs, PPOTrainer, RolloutBuffer
 from .run import TrainArgs, args_from_json, build_agent, make_env, train, train_run
 
 __all__ = ["PPOArgs", "PPOTrainer", "RolloutBuffer", "TrainArgs", "EvalArgs", "build_agent",
-           "make_env", "train", "train_run", "evaluate", "args_from_json", "save_checkpoint",
-           "load_checkpoint", "find_checkpoint", "RUN_KINDS", "run_experiment", "summarize",
-           "format_summary", "format_verdict", "load_results", "paired_changes",
-           "half_width_95"]
+           "make_env", "train", "train_run", "evaluate", "evaluate_random", "args_from_json",
+           "save_checkpoint", "load_checkpoint", "find_checkpoint", "RUN_KINDS",
+           "run_experiment", "summarize", "format_summary", "format_verdict", "load_results",
+           "paired_changes", "half_width_95"]

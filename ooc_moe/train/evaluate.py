@@ -20,7 +20,7 @@ import torch
 from ..agent import ContextWindows
 from .ppo import PPOTrainer
 
-__all__ = ["EvalArgs", "evaluate"]
+__all__ = ["EvalArgs", "evaluate", "evaluate_random"]
 
 
 @dataclass
@@ -67,3 +67,22 @@ def evaluate(trainer: PPOTrainer, env, game_index: int, args: EvalArgs) -> dict:
     return {"score": float(returns.mean()), "returns": returns.tolist(),
             "finished": int(done.sum()), "steps": steps,
             "routing": [c[0].tolist() for c in counts]}
+
+
+def evaluate_random(env, args: EvalArgs) -> dict:
+    """The protocol of ``evaluate`` (same episodes, cap and seeds) played with uniformly random
+    actions (a numpy generator seeded with ``args.seed``): the baseline a capped evaluation is
+    normalised against. Returns ``score``, ``returns``, ``finished`` and ``steps``."""
+    n = args.episodes
+    rng = np.random.default_rng(args.seed)
+    returns, done = np.zeros(n), np.zeros(n, dtype=bool)
+    env.reset()
+    steps = 0
+    while steps < args.max_steps and not done.all():
+        action = rng.integers(0, env.single_action_space.n, n)
+        _, reward, terminated, truncated, _ = env.step(action)
+        returns += np.where(done, 0.0, reward)
+        done |= np.logical_or(terminated, truncated)
+        steps += 1
+    return {"score": float(returns.mean()), "returns": returns.tolist(),
+            "finished": int(done.sum()), "steps": steps}

@@ -2,8 +2,10 @@
 
 ``python -m ooc_moe train`` (synthetic games) and ``train-atari`` (real ALE games) call
 ``train(TrainArgs(...))``. For games ``g1..gN``: evaluate the untrained agent on every game
-(``initial``), then per stage train ``steps_per_game`` on one game and evaluate every game
-(``evaluate``: fixed seeds, the same in every run) -> one row of the retention matrix.
+(``initial``) and random play under the same protocol (``random_scores``, the baseline of
+the human-normalised scores), then per stage train ``steps_per_game`` on one game and
+evaluate every game (``evaluate``: fixed seeds, the same in every run) -> one row of the
+retention matrix.
 
 Each update logs CleanRL's charts and losses plus the store's ``store/*`` figures (hit rate
 per tier, prefetch precision and coverage, bytes per link; ``store/phases``: the counters of
@@ -52,7 +54,7 @@ from ..store.stats import LINKS
 from ..threads import one_thread
 from ..trace import RoutingTrace, simulate
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .evaluate import EvalArgs, evaluate
+from .evaluate import EvalArgs, evaluate, evaluate_random
 from .ppo import PPOArgs, PPOTrainer
 
 __all__ = ["TrainArgs", "make_env", "build_agent", "build_trainer", "train", "args_from_json",
@@ -237,6 +239,7 @@ class _Run:
         self.history: list[dict] = []
         self.initial: list[float] | None = None       # scores of the untrained agent
         self.initial_returns: list[list[float]] = []  # its returns per game and episode
+        self.random_scores: list[float] | None = None  # random play, the same protocol
         self.retention: list[list[float]] = []        # one row per finished stage
         self.evaluations: list[list[dict]] = []       # the same, with returns and routing
         self.seconds = 0.0
@@ -252,7 +255,7 @@ class _Run:
         return {
             "args": _jsonable(self.args), "game_index": self.game_index,
             "iteration": self.iteration, "history": self.history, "initial": self.initial,
-            "initial_returns": self.initial_returns,
+            "initial_returns": self.initial_returns, "random_scores": self.random_scores,
             "retention": self.retention, "evaluations": self.evaluations,
             "seconds": self.seconds, "eval_counters": self.eval_counters,
             "agent": self.agent.state_dict(),
@@ -270,6 +273,7 @@ class _Run:
         self.game_index, self.iteration = saved["game_index"], saved["iteration"]
         self.history, self.initial = saved["history"], saved["initial"]
         self.initial_returns = saved.get("initial_returns", [])   # older checkpoints: none
+        self.random_scores = saved.get("random_scores")           # older checkpoints: none
         self.retention, self.evaluations = saved["retention"], saved["evaluations"]
         self.seconds = saved["seconds"]
         self.eval_counters = saved.get("eval_counters", {})       # older checkpoints: none
@@ -323,6 +327,17 @@ class _Run:
                 self.writer.add_scalar(f"eval/{game}", result["score"], self.steps_done())
 
     # -- the protocol ---------------------------------------------------------------------
+    def evaluate_random(self) -> list[float]:
+        """Random play's score on every game under the evaluation protocol."""
+        scores = []
+        for game in self.args.games:
+            env = make_env(game, self.args.eval.episodes, self.args.eval.seed)
+            try:
+                scores.append(evaluate_random(env, self.args.eval)["score"])
+            finally:
+                env.close()
+        return scores
+
     def evaluate_all(self) -> list[dict]:
         """Evaluate every game of the sequence (one row of the retention matrix)."""
         row, store = [], self.agent.store
@@ -418,6 +433,8 @@ def train(args: TrainArgs, progress: bool = True, *, resume: bool = False,
         return metrics
 
     try:
+        if run.random_scores is None:
+            run.random_scores = run.evaluate_random()
         if run.initial is None:
             row = run.evaluate_all()
             run.initial = [e["score"] for e in row]
@@ -467,7 +484,8 @@ def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> 
     metrics = {"args": _jsonable(args), "command": command, "device": _device_name(run.agent),
                "date": time.strftime("%Y-%m-%d"), "finished": finished, "seconds": seconds,
                "params": run.agent.config.estimate_params(), "games": games,
-               "initial": run.initial, "retention": run.retention,
+               "initial": run.initial, "random_scores": run.random_scores,
+               "retention": run.retention,
                "sps": float(np.mean([h["charts/SPS"] for h in history])) if history else None}
     metrics["eval_finished"] = [[e["finished"] for e in row] for row in run.evaluations]
     if run.initial_returns:     # [untrained + stages][game][episode]: behind each score
@@ -475,9 +493,12 @@ def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> 
                                                            for row in run.evaluations]
     if len(run.retention) == len(games):
         metrics["forgetting"] = forgetting(run.retention).tolist()
-        metrics["human_normalized"] = [[human_normalized(g, s) for g, s in zip(games, row)]
+        randoms = run.random_scores or [None] * len(games)
+        metrics["human_normalized"] = [[human_normalized(g, s, b)
+                                        for g, s, b in zip(games, row, randoms)]
                                        for row in run.retention]
-        metrics["average_final_score"] = average_final_score(run.retention, games)
+        metrics["average_final_score"] = average_final_score(run.retention, games,
+                                                             run.random_scores)
     if run.evaluations and run.agent.moe_layers:   # [layer][game][expert], after the last stage
         routing = np.array([e["routing"] for e in run.evaluations[-1]]).transpose(1, 0, 2)
         metrics["eval_routing"] = routing.tolist()
