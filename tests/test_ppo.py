@@ -234,10 +234,12 @@ def test_random_minibatches_with_a_window_gather_every_steps_window(monkeypatch)
         torch.testing.assert_close(windows, reference[mb_inds])
     mb_inds, windows = batches[0]
     encoder = list(agent.encoder.parameters())
-    older = torch.autograd.grad(windows[:, :-1].sum(), encoder, allow_unused=True,
-                                retain_graph=True)
+    weights = torch.randn_like(windows)       # (a plain sum of LayerNorm'd tokens is 0)
+    older = torch.autograd.grad((windows[:, :-1] * weights[:, :-1]).sum(), encoder,
+                                allow_unused=True, retain_graph=True)
     assert all(g is None or not g.any() for g in older)
-    newest = torch.autograd.grad(windows[:, -1].sum(), encoder, allow_unused=True)
+    newest = torch.autograd.grad((windows[:, -1] * weights[:, -1]).sum(), encoder,
+                                 allow_unused=True)
     assert any(g is not None and g.any() for g in newest)
     agent.store.shutdown()
 
