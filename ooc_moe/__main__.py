@@ -108,7 +108,7 @@ def _train_args(args: argparse.Namespace, atari: bool) -> "TrainArgs":
         hbm_capacity=args.hbm_capacity, dram_capacity=args.dram_capacity,
         load_balance_coef=args.load_balance_coef, balance=args.balance,
         balance_horizon=args.balance_horizon, cohort_size=args.cohort_size,
-        detector=args.detector, trace=args.trace,
+        encoder_init=args.encoder_init, detector=args.detector, trace=args.trace,
         checkpoint_every=args.checkpoint_every, ppo=PPOArgs(**ppo),
         eval=EvalArgs(episodes=args.eval_episodes, max_steps=args.eval_max_steps,
                       seed=args.eval_seed))
@@ -270,6 +270,9 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
                        help="tokens over which --balance horizon averages each expert's load")
     agent.add_argument("--load_balance_coef", type=float, default=0.01,
                        help="weight of the router's load-balancing loss (--balance batch)")
+    agent.add_argument("--encoder_init", choices=["cleanrl", "torch"], default="cleanrl",
+                       help="the window agents' Nature-CNN init: cleanrl (orthogonal, gain "
+                            "sqrt 2, as the cnn baseline) or torch's default (an ablation)")
     agent.add_argument("--hbm_capacity", type=int, default=16, help="expert slots in HBM")
     agent.add_argument("--dram_capacity", type=int, default=64,
                        help="expert slots in DRAM (>= hbm_capacity)")

@@ -40,6 +40,7 @@ __all__ = ["MoERLAgentConfig", "MoERLAgent", "DenseRLAgent", "NatureCNN", "Conte
            "CNNAgentConfig", "CNNAgent", "layer_init"]
 
 ROUTING_MODES = ("token", "env", "cohort")
+ENCODER_INITS = ("cleanrl", "torch")
 
 
 @dataclass
@@ -69,6 +70,8 @@ class MoERLAgentConfig:
     balance_rate: float = 1e-3       # the horizon's bias step per training forward
     cohort_size: int | None = None   # experts per game and layer (cohort routing); None:
                                      # hbm_cap // num_layers, the HBM slots of a layer
+    encoder_init: str = "cleanrl"    # the Nature-CNN's init: "cleanrl" (orthogonal, gain
+                                     # sqrt 2) or "torch" (its default; an ablation)
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTING_MODES:
@@ -76,6 +79,9 @@ class MoERLAgentConfig:
         if self.balance not in BALANCE_MODES:
             raise ValueError(f"balance must be one of {BALANCE_MODES}, got {self.balance!r} "
                              "(e.g. --balance horizon)")
+        if self.encoder_init not in ENCODER_INITS:
+            raise ValueError(f"encoder_init must be one of {ENCODER_INITS}, got "
+                             f"{self.encoder_init!r} (e.g. --encoder_init cleanrl)")
         if self.balance_horizon < 1:
             raise ValueError(f"balance_horizon={self.balance_horizon} must be >= 1 token "
                              "(e.g. --balance_horizon 1000000)")
@@ -214,11 +220,13 @@ class _SequenceAgent(nn.Module):
         super().__init__()
         self.config = config
         d = config.expert_dim
-        # CleanRL's initialisation (orthogonal, gain sqrt 2): under torch's default one the
-        # encoder's outputs shrink layer by layer, the normalised tokens are nearly the same
-        # for every frame, and on Breakout the critic explained none of the returns' variance
-        # for 400k steps (results/breakout-ablation)
-        self.encoder = NatureCNN(config.obs_shape[0] * config.frame_stack, d, layer_init)
+        # CleanRL's initialisation (orthogonal, gain sqrt 2) by default: under torch's own
+        # (encoder_init="torch") the encoder's outputs shrink layer by layer, the normalised
+        # tokens are nearly the same for every frame, and on Breakout the critic explained
+        # none of the returns' variance for 80k+ steps (results/breakout-ablation)
+        self.encoder = NatureCNN(config.obs_shape[0] * config.frame_stack, d,
+                                 layer_init if config.encoder_init == "cleanrl"
+                                 else lambda layer: layer)
         # Tokens are normalised and positions learned from a small start (as GPT-2), so that
         # what a frame shows, not where it sits in the window, drives routing: fixed
         # sinusoids of norm ~sqrt(dim/2) swamped the CNN's small outputs and routed every

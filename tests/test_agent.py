@@ -169,3 +169,22 @@ def test_cnn_agent_layers_are_orthogonal_with_cleanrls_gains_and_zero_biases():
         assert torch.all(layer.bias == 0)
     with pytest.raises(ValueError, match=r"\[batch, 4, 84, 84\]"):
         agent.encode(torch.zeros(2, 3, 84, 84, dtype=torch.uint8))
+
+
+def test_the_window_agents_encoder_has_cleanrls_init_unless_asked_for_torchs():
+    """``encoder_init="cleanrl"``: every encoder layer orthogonal with gain sqrt 2 (its
+    linear layer's rows orthogonal, of norm sqrt 2) and zero biases, as the cnn baseline;
+    ``"torch"`` keeps torch's default init; anything else names the choices."""
+    torch.manual_seed(0)
+    small = dict(num_experts=8, expert_dim=16, expert_hidden=32, num_layers=1, num_heads=2,
+                 context_len=2, hbm_cap=4, dram_cap=8, num_envs=2)
+    cleanrl = DenseRLAgent(MoERLAgentConfig(**small), "cpu").encoder.net[-2]
+    torch_default = DenseRLAgent(MoERLAgentConfig(**small, encoder_init="torch"),
+                                 "cpu").encoder.net[-2]
+    gram = cleanrl.weight @ cleanrl.weight.T
+    torch.testing.assert_close(gram, 2 * torch.eye(16), atol=1e-4, rtol=0)
+    assert not cleanrl.bias.any() and torch_default.bias.any()
+    assert not torch.allclose(torch_default.weight @ torch_default.weight.T,
+                              2 * torch.eye(16), atol=1e-2)
+    with pytest.raises(ValueError, match="encoder_init must be one of"):
+        MoERLAgentConfig(**small, encoder_init="xavier")

@@ -87,6 +87,7 @@ class TrainArgs:
     balance: str = "batch"          # "batch", "none" or "horizon" (ooc_moe.moe.router)
     balance_horizon: int = 1_000_000  # tokens the horizon balance averages the load over
     cohort_size: int | None = None  # experts per game and layer; None: HBM slots per layer
+    encoder_init: str = "cleanrl"   # "cleanrl" or "torch" (MoERLAgentConfig.encoder_init)
     detector: bool = True           # train a detector online and prefetch with it (MoE only)
     trace: bool = False             # record every store call (trace.npz)
     checkpoint_every: int = 0       # also checkpoint every N updates (0: after stages only)
@@ -117,7 +118,8 @@ class TrainArgs:
             num_heads=self.num_heads, top_k=self.top_k, context_len=self.context_len,
             hbm_cap=self.hbm_capacity, dram_cap=self.dram_capacity, routing=self.routing,
             load_balance_coef=self.load_balance_coef, balance=self.balance,
-            balance_horizon=self.balance_horizon, cohort_size=self.cohort_size)
+            balance_horizon=self.balance_horizon, cohort_size=self.cohort_size,
+            encoder_init=self.encoder_init)
 
 
 def make_env(game: str, num_envs: int, seed: int):
