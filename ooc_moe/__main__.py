@@ -154,6 +154,24 @@ def _train(args: argparse.Namespace, atari: bool) -> None:
         print(f"  metrics, retention.csv and plots in {train_args.out}/")
 
 
+def _learning(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .train import format_learning_table, learning_table
+
+    runs = {Path(d).name: json.loads((Path(d) / "metrics.json").read_text())
+            for d in args.dirs if (Path(d) / "metrics.json").is_file()}
+    table = learning_table(runs, args.at)
+    if not table:
+        raise SystemExit(f"error: no run under {args.dirs} reached step {args.at}")
+    print(format_learning_table(table, args.at))
+    for kind, entry in table.items():
+        print(f"{kind}: {entry['command']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=1))
+
+
 def _experiment(args: argparse.Namespace) -> None:
     from .train import format_summary, format_verdict, run_experiment
 
@@ -365,6 +383,15 @@ def build_parser() -> argparse.ArgumentParser:
         runs.add_argument("--seeds", default=defaults.get("seeds", "1"),
                           help="comma-separated seeds, one run of each kind per seed")
         e.set_defaults(func=_experiment)
+    lt = sub.add_parser("learning", help="how far runs had got by a step: the critic's "
+                                         "explained variance, policy entropy and training "
+                                         "return per kind of run (a markdown table)",
+                        formatter_class=formatter)
+    lt.add_argument("dirs", nargs="+", help="run directories (each with its metrics.json; "
+                                            "unfinished runs count up to --at)")
+    lt.add_argument("--at", type=int, default=20_480, help="the global_step to compare at")
+    lt.add_argument("--json", default=None, help="also write the table to this JSON file")
+    lt.set_defaults(func=_learning)
     return parser
 
 

@@ -18,8 +18,9 @@ matplotlib.use("Agg")
 from ooc_moe.scores import (HUMAN_SCORES, aggregate_scores, average_final_score,  # noqa: E402
                             forgetting, human_normalized)
 from ooc_moe.train import (EvalArgs, PPOArgs, PPOTrainer, TrainArgs, args_from_json,  # noqa: E402
-                           build_agent, evaluate, evaluate_random, find_checkpoint,
-                           format_summary,
+                           build_agent, early_learning, evaluate, evaluate_random,
+                           find_checkpoint, format_learning_table, format_summary,
+                           learning_table,
                            format_verdict, half_width_95, load_checkpoint, make_env,
                            paired_changes, run_experiment, save_checkpoint, summarize,
                            train)
@@ -474,3 +475,23 @@ def test_sequential_plots_draw_from_the_results(experiment):
 def test_run_kinds_set_routing_and_balance(kind, routing, balance):
     config = replace(tiny(), **RUN_KINDS[kind]).agent_config()
     assert (config.routing, config.balance) == (routing, balance)
+
+
+def test_early_learning_reads_the_updates_up_to_a_step():
+    history = [{"global_step": 1024 * (i + 1), "losses/explained_variance": 0.1 * i,
+                "losses/entropy": 2.0 - 0.1 * i, "charts/episodic_returns": [float(i)] * (i % 2)}
+               for i in range(10)]
+    e = early_learning(history, at=1024 * 6, last=2)        # updates 0..5, the last two: 4, 5
+    assert e["explained_variance"] == pytest.approx(0.45)
+    assert e["entropy"] == pytest.approx(1.55)
+    assert e["return"] == pytest.approx(3.0) and e["episodes"] == 3       # returns 1, 3, 5
+    with pytest.raises(ValueError, match="reached step 10240, not 20480"):
+        early_learning(history, at=20480)
+    run = {"history": history, "args": {"seed": 1}, "command": "python -m ooc_moe x"}
+    short = {**run, "history": history[:3], "args": {"seed": 3}}
+    table = learning_table({"a-seed1": run, "a-seed2": {**run, "args": {"seed": 2}},
+                            "a-seed3": short}, at=1024 * 6)
+    assert list(table) == ["a"] and table["a"]["seeds"] == [1, 2]         # seed 3 stopped early
+    assert table["a"]["explained_variance"] == pytest.approx(0.3)         # last 5: 0.1..0.5
+    text = format_learning_table(table, 1024 * 6)
+    assert "| a | 1,2 | 0.30 [0.30, 0.30]" in text

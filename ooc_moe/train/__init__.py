@@ -2,8 +2,9 @@
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import EvalArgs, evaluate, evaluate_random
-from .experiment import (RUN_KINDS, format_summary, format_verdict, half_width_95,
-                         load_results, paired_changes, run_experiment, summarize)
+from .experiment import (RUN_KINDS, early_learning, format_learning_table, format_summary,
+                         format_verdict, half_width_95, learning_table, load_results,
+                         paired_changes, run_experiment, summarize)
 from .ppo import PPOArgs, PPOTrainer, RolloutBuffer
 from .run import TrainArgs, args_from_json, build_agent, make_env, train, train_run
 
@@ -11,4 +12,5 @@ __all__ = ["PPOArgs", "PPOTrainer", "RolloutBuffer", "TrainArgs", "EvalArgs", "b
            "make_env", "train", "train_run", "evaluate", "evaluate_random", "args_from_json",
            "save_checkpoint", "load_checkpoint", "find_checkpoint", "RUN_KINDS",
            "run_experiment", "summarize", "format_summary", "format_verdict", "load_results",
-           "paired_changes", "half_width_95"]
+           "paired_changes", "half_width_95", "early_learning", "learning_table",
+           "format_learning_table"]

@@ -24,7 +24,8 @@ from .checkpoint import find_checkpoint
 from .run import TrainArgs, train
 
 __all__ = ["RUN_KINDS", "run_experiment", "summarize", "format_summary", "format_verdict",
-           "load_results", "paired_changes", "half_width_95"]
+           "load_results", "paired_changes", "half_width_95", "early_learning",
+           "learning_table", "format_learning_table"]
 
 RUN_KINDS = {"token": {"baseline": "moe", "routing": "token"},
              "env": {"baseline": "moe", "routing": "env"},
@@ -233,4 +234,56 @@ def format_verdict(summary: Mapping[str, dict]) -> str:
         if "mutual_information" in s:
             text += f"; game-expert NMI {s['mutual_information']:.2f}"
         lines.append(text)
+    return "\n".join(lines)
+
+
+def early_learning(history: Sequence[dict], at: int, last: int = 5) -> dict:
+    """How far a run had got by ``global_step`` ``at`` (its updates up to there): the
+    critic's ``explained_variance`` and the policy ``entropy``, each the mean over the
+    ``last`` updates (CleanRL's ``losses/*``), and the mean training return of the episodes
+    finished by then (``episodes`` of them). A critic that explains none of the returns'
+    variance is the earliest sign that an agent will not learn."""
+    upto = [h for h in history if h["global_step"] <= at]
+    if not upto or upto[-1]["global_step"] < at:
+        reached = history[-1]["global_step"] if history else 0
+        raise ValueError(f"the run reached step {reached}, not {at}")
+    tail = upto[-last:]
+    returns = [r for h in upto for r in h.get("charts/episodic_returns", [])]
+    return {"explained_variance": float(np.mean([h["losses/explained_variance"]
+                                                  for h in tail])),
+            "entropy": float(np.mean([h["losses/entropy"] for h in tail])),
+            "return": float(np.mean(returns)) if returns else math.nan,
+            "episodes": len(returns)}
+
+
+def learning_table(runs: Mapping[str, dict], at: int) -> dict[str, dict]:
+    """Per kind of run (the name before ``-seed``), over its seeds: ``early_learning`` at
+    ``at`` (mean, min and max of each figure), the seeds and one run's command. Runs that
+    stopped before ``at`` are left out; unfinished ones count up to ``at``."""
+    by_kind: dict[str, list] = {}
+    for name, metrics in sorted(runs.items()):
+        try:
+            figures = early_learning(metrics["history"], at)
+        except ValueError:
+            continue
+        by_kind.setdefault(name.rsplit("-seed", 1)[0], []).append((metrics, figures))
+    table = {}
+    for kind, rows in by_kind.items():
+        entry = {"seeds": [m["args"]["seed"] for m, _ in rows], "command": rows[0][0]["command"]}
+        for key in ("explained_variance", "entropy", "return"):
+            values = [f[key] for _, f in rows]
+            entry[key] = float(np.mean(values))
+            entry[f"{key}_min"], entry[f"{key}_max"] = float(np.min(values)), float(np.max(values))
+        table[kind] = entry
+    return table
+
+
+def format_learning_table(table: Mapping[str, dict], at: int) -> str:
+    """``learning_table`` as a markdown table (means over seeds, their range in brackets)."""
+    lines = [f"| run | seeds | explained variance at {at:,} steps | policy entropy "
+             f"(uniform: {math.log(18):.2f}) | training return |", "|---|---|---|---|---|"]
+    for kind, e in table.items():
+        cells = [f"{e[k]:.2f} [{e[k + '_min']:.2f}, {e[k + '_max']:.2f}]"
+                 for k in ("explained_variance", "entropy", "return")]
+        lines.append(f"| {kind} | {','.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
