@@ -141,7 +141,7 @@ def test_experiment_runs_the_cnn_anchor_beside_dense_and_moe(tmp_path):
 
 
 SUBCOMMANDS = ["bench", "store-demo", "test", "train", "train-atari", "experiment", "demo",
-               "gpu-check"]
+               "gpu-check", "learning"]
 
 
 def subparsers() -> dict:
@@ -227,3 +227,20 @@ def test_impossible_training_configurations_stop_before_any_work(args, message):
     result = run(*args)
     assert result.returncode != 0 and message in result.stderr
     assert "it/s" not in result.stderr   # no training progress bar was started
+
+
+def test_learning_prints_each_kinds_early_figures(tmp_path):
+    """``learning DIR... --at STEP`` on two finished tiny runs: a markdown row per kind with
+    the seeds, and each kind's command; a step no run reached is a clear error."""
+    for seed in (1, 2):
+        out = tmp_path / f"dense-seed{seed}"
+        result = run("train", "--games", "synthetic-0", "--steps_per_game", "64",
+                     "--baseline", "dense", "--seed", str(seed), "--out", str(out), *TINY)
+        assert result.returncode == 0, result.stderr
+    dirs = [str(tmp_path / "dense-seed1"), str(tmp_path / "dense-seed2")]
+    result = run("learning", *dirs, "--at", "64", "--json", str(tmp_path / "t.json"))
+    assert result.returncode == 0, result.stderr
+    assert "| dense | 1,2 |" in result.stdout and "dense: python -m ooc_moe train" in result.stdout
+    assert json.loads((tmp_path / "t.json").read_text())["dense"]["seeds"] == [1, 2]
+    result = run("learning", *dirs, "--at", "10000000")
+    assert result.returncode != 0 and "reached step 10000000" in result.stderr
