@@ -169,7 +169,7 @@ def _learning(args: argparse.Namespace) -> None:
     for kind, entry in table.items():
         print(f"{kind}: {entry['command']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=1))
+        Path(args.json).write_text(json.dumps({"at": args.at, "kinds": table}, indent=1))
 
 
 def _experiment(args: argparse.Namespace) -> None:
@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("dirs", nargs="+", help="run directories (each with its metrics.json; "
                                             "unfinished runs count up to --at)")
     lt.add_argument("--at", type=int, default=20_480, help="the global_step to compare at")
-    lt.add_argument("--json", default=None, help="also write the table to this JSON file")
+    lt.add_argument("--json", default=None, help="also write the table to this JSON file "
+                                                 "({'at': STEP, 'kinds': {kind: figures}})")
     lt.set_defaults(func=_learning)
     return parser
 

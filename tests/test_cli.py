@@ -241,6 +241,7 @@ def test_learning_prints_each_kinds_early_figures(tmp_path):
     result = run("learning", *dirs, "--at", "64", "--json", str(tmp_path / "t.json"))
     assert result.returncode == 0, result.stderr
     assert "| dense | 1,2 |" in result.stdout and "dense: python -m ooc_moe train" in result.stdout
-    assert json.loads((tmp_path / "t.json").read_text())["dense"]["seeds"] == [1, 2]
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["at"] == 64 and saved["kinds"]["dense"]["seeds"] == [1, 2]
     result = run("learning", *dirs, "--at", "10000000")
     assert result.returncode != 0 and "reached step 10000000" in result.stderr

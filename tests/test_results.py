@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ooc_moe.scores import forgetting
-from ooc_moe.train import format_summary, load_results, summarize
+from ooc_moe.train import format_summary, learning_table, load_results, summarize
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 EXPERIMENTS = sorted(p.parent for p in RESULTS.glob("*/summary.json"))
@@ -35,9 +35,14 @@ def test_summary_is_what_its_runs_give(experiment):
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_each_run_says_how_it_was_made_and_has_its_plots(run):
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["finished"]
     assert metrics["command"].startswith("python -m ooc_moe ")
     assert metrics["device"] and metrics["date"]
+    if not metrics["finished"]:      # stopped on purpose: only an early-learning comparison
+        table = run.parent / "learning.json"
+        assert table.is_file(), f"{run} is unfinished and no learning.json says why it is here"
+        kinds = json.loads(table.read_text())["kinds"]
+        assert run.name.rsplit("-seed", 1)[0] in kinds, f"{run.name} is in no row of {table}"
+        return
     n = len(metrics["games"])
     assert np.array(metrics["retention"]).shape == (n, n) and len(metrics["initial"]) == n
     assert metrics["forgetting"] == pytest.approx(forgetting(metrics["retention"]).tolist())
@@ -56,3 +61,13 @@ def test_results_commit_no_weights():
         pytest.skip("not a git checkout")
     big = [name for name in listed if (RESULTS.parent / name).stat().st_size > 2_000_000]
     assert not big, f"keep checkpoints and expert files out of results/: {big}"
+
+
+@pytest.mark.parametrize("table", sorted(RESULTS.glob("*/learning.json")), ids=lambda p: p.parent.name)
+def test_each_early_learning_table_is_what_its_runs_give(table):
+    """``python -m ooc_moe learning DIR... --at STEP --json learning.json`` over the runs
+    beside it gives the committed table again."""
+    committed = json.loads(table.read_text())
+    runs = {p.parent.name: json.loads(p.read_text())
+            for p in sorted(table.parent.glob("*/metrics.json"))}
+    assert learning_table(runs, committed["at"]) == committed["kinds"]
