@@ -15,7 +15,8 @@ between game and expert choice and the router entropy. ``metrics.json`` sums the
 ``prefetch_coverage``, ``stall_seconds``, bytes per link; the vocabulary of
 ``ooc_moe.store.stats``) and ``bytes_per_update`` (update and optimizer phases); with
 ``trace``, ``belady`` holds the same figures for Belady's policy replaying the run's own trace
-at its own capacities (the part of the run since it last started, after a resume). With ``out``: ``metrics.json``
+at its own capacities (the part of the run since it last started, after a resume).
+With ``out``: ``metrics.json``
 (rewritten after every update), TensorBoard event files with CleanRL's tags
 (``charts/episodic_return``, ``charts/SPS``, ``losses/*``, ...; ``store/*``, ``routing/*`` and
 each evaluation's ``eval/<game>``; ``tensorboard --logdir OUT``), checkpoints
@@ -329,27 +330,27 @@ class _Run:
                 self.writer.add_scalar(f"eval/{game}", result["score"], self.steps_done())
 
     # -- the protocol ---------------------------------------------------------------------
-    def evaluate_random(self) -> list[float]:
-        """Random play's score on every game under the evaluation protocol."""
-        scores = []
-        for game in self.args.games:
-            env = make_env(game, self.args.eval.episodes, self.args.eval.seed)
-            try:
-                scores.append(evaluate_random(env, self.args.eval)["score"])
-            finally:
-                env.close()
-        return scores
-
-    def evaluate_all(self) -> list[dict]:
-        """Evaluate every game of the sequence (one row of the retention matrix)."""
-        row, store = [], self.agent.store
-        before = store.stats_by_phase() if store is not None else None
+    def _on_every_game(self, play) -> list:
+        """``play(env, game_index)`` on every game's evaluation env, in order."""
+        results = []
         for game_index, game in enumerate(self.args.games):
             env = make_env(game, self.args.eval.episodes, self.args.eval.seed)
             try:
-                row.append(evaluate(self.trainer, env, game_index, self.args.eval))
+                results.append(play(env, game_index))
             finally:
                 env.close()
+        return results
+
+    def evaluate_random(self) -> list[float]:
+        """Random play's score on every game under the evaluation protocol."""
+        return self._on_every_game(
+            lambda env, _: evaluate_random(env, self.args.eval)["score"])
+
+    def evaluate_all(self) -> list[dict]:
+        """Evaluate every game of the sequence (one row of the retention matrix)."""
+        store = self.agent.store
+        before = store.stats_by_phase() if store is not None else None
+        row = self._on_every_game(lambda env, i: evaluate(self.trainer, env, i, self.args.eval))
         if store is not None:
             _add_counters(self.eval_counters, _counter_delta(store.stats_by_phase(), before))
         return row
