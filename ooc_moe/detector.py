@@ -375,11 +375,35 @@ class DetectorTrainer:
             self._next[region] = (start + n) % self.buffer_size
             self._count[region] = min(self._count[region] + n, self.buffer_size)
 
+    def seen_games(self) -> Tensor:
+        """``[num_envs]`` bool: the games whose labelled frames the buffer holds."""
+        return torch.tensor([n > 0 for n in self._count[1:]])
+
+    @torch.no_grad()
+    def predict_games(self, obs) -> Tensor | None:
+        """Per observation, the likeliest game among those the buffer has seen (a detector
+        cannot name a game it was never shown; its other outputs are untrained); None
+        before any game was seen."""
+        seen = self.seen_games()
+        if not seen.any():
+            return None
+        probs = self.detector.predict(obs, top_k=1).game_probs
+        return probs.masked_fill(~seen.to(probs.device), -1.0).argmax(-1)
+
     def step(self) -> dict[str, float]:
         """One update on ``batch_size`` observations drawn uniformly from the buffer (the
-        expert loss only over those added with their routing)."""
+        expert loss only over those added with their routing).
+
+        No update while the buffer holds one game and no routing: with a single class
+        there is nothing to tell apart, and fitting it only saturates the game head (under
+        Adam its ReLUs die, and the detector never learns the next game: measured on three
+        synthetic games played in sequence, it then named the first game for all three).
+        """
         if len(self) == 0:
             raise RuntimeError("the buffer is empty: add() observations before step()")
+        if self.seen_games().sum() < 2 and not self._has_used.any():
+            return {"loss": 0.0, "game_loss": 0.0, "expert_loss": 0.0,
+                    "game_accuracy": math.nan}
         filled = torch.cat([r * self.buffer_size + torch.arange(n)
                             for r, n in enumerate(self._count) if n])
         pick = torch.randint(len(filled), (min(self.batch_size, len(filled)),),

@@ -10,7 +10,7 @@ import torch
 from ooc_moe import TieredExpertStore, TieredMoELayer
 from ooc_moe.detector import (DetectorTrainer, EnvironmentDetector, PrefetchPlanner,
                               evaluate_game_accuracy, used_expert_targets)
-from ooc_moe.envs import collect_frames
+from ooc_moe.envs import collect_frames, make_synthetic
 from ooc_moe.moe.router import CohortTable
 
 FRAME = (1, 84, 84)
@@ -305,3 +305,38 @@ def test_planner_bad_use(store):
         PrefetchPlanner(store, fixed_detector([PROBS]), top_k=9)
     with pytest.raises(ValueError, match="layer"):
         PrefetchPlanner(store, fixed_detector([PROBS]), layer=1)
+
+
+def synthetic_frames(game: int, steps: int, seed: int) -> torch.Tensor:
+    env = make_synthetic(game, 8, seed=seed)
+    obs, _ = env.reset()
+    frames = [obs]
+    for _ in range(steps - 1):
+        obs, *_ = env.step(np.zeros(8, dtype=np.int64))
+        frames.append(obs)
+    return torch.from_numpy(np.concatenate(frames))
+
+
+def test_online_detector_waits_for_a_second_game_and_names_only_games_it_has_seen():
+    """Games come one at a time (three synthetic games, as in a sequential run). While the
+    buffer holds one game, step() leaves the detector as it is: fitting one class saturated
+    it, its ReLUs died and it named game 0 for every game after all three were played. Once
+    a second game arrives it learns both; predict_games names only the games seen."""
+    det = make_detector(num_envs=3)
+    trainer = DetectorTrainer(det, seed=0)
+    held_out = [synthetic_frames(g, 8, seed=9) for g in range(3)]
+    assert trainer.predict_games(held_out[0]) is None                  # nothing seen yet
+    before = [p.clone() for p in det.parameters()]
+    for game in range(3):
+        frames = synthetic_frames(game, 32, seed=game)
+        trainer.add(frames, torch.full((len(frames),), game))
+        for _ in range(100):
+            losses = trainer.step()
+        if game == 0:
+            assert math.isnan(losses["game_accuracy"]) and trainer.steps == 0
+            assert all(torch.equal(a, b) for a, b in zip(before, det.parameters()))
+            assert trainer.seen_games().tolist() == [True, False, False]
+        seen = trainer.predict_games(torch.cat(held_out))
+        assert set(seen.tolist()) <= set(range(game + 1))            # only games seen
+        for g in range(game + 1):
+            assert (trainer.predict_games(held_out[g]) == g).all(), (game, g)

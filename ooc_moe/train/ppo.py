@@ -182,14 +182,15 @@ class PPOTrainer:
                               r.expert_indices.reshape(-1).cpu().numpy()), 1)
 
     def routing_games(self, obs: torch.Tensor, games: torch.Tensor) -> torch.Tensor | None:
-        """For agents that route by game: the game the detector sees (the true one without a
-        detector); None for the others."""
+        """For agents that route by game: the game the detector sees among the games it has
+        been shown (the true one without a detector, and before any game was shown: the
+        untrained agent's evaluation); None for the others."""
         if not self.agent.routes_by_game:
             return None
         if self.detector_trainer is None:
             return games
-        prediction = self.detector_trainer.detector.predict(obs, top_k=1)
-        return prediction.game_probs.argmax(-1).to(self.device)             # per environment
+        predicted = self.detector_trainer.predict_games(obs)                # per environment
+        return games if predicted is None else predicted.to(self.device)
 
     # -- one iteration: rollout + update -------------------------------------------------
     def collect(self, env, state: dict, game: int) -> list[tuple[float, int]]:
