@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-# the sequential experiment at demo size: pong, breakout, boxing; MoE and dense (~10 min, CPU)
+# forgetting in minutes: three synthetic games in sequence, dense and MoE cohort, 3 seeds (CPU)
 demo: $(VENV)/.installed
 	$(PY) -m ooc_moe demo
 

@@ -188,7 +188,8 @@ def _experiment(args: argparse.Namespace) -> None:
     if base.out is None:
         raise SystemExit("error: give --out DIR (each run writes DIR/<run>-seed<seed>/)")
     try:
-        summary = run_experiment(base, kinds, seeds, base.out, command=_command())
+        summary = run_experiment(base, kinds, seeds, base.out, command=_command(),
+                                 jobs=args.jobs)
     except ValueError as err:         # e.g. a kind whose configuration is impossible
         raise SystemExit(f"error: {err}") from None
     print()
@@ -196,13 +197,16 @@ def _experiment(args: argparse.Namespace) -> None:
     print("\n" + format_verdict(summary))
     print(f"\nplots: {base.out}/<run>/retention.png, hit_rate.png, game_expert.png; "
           f"summary: {base.out}/summary.json")
+    if args.command == "demo":
+        print("\nReal Atari games take hours on a CPU; the committed runs are under "
+              f"results/ ({ATARI_RESULTS}), shown in README's Results and notebook 05.")
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds ``(default: X)`` to help lines that do not speak of their default already."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if "default" in (action.help or "") or action.default in (None, False):
+        if "default" in (action.help or "") or any(action.default is v for v in (None, False)):
             return action.help
         return super()._get_help_string(action)
 
@@ -309,14 +313,36 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
     p.set_defaults(**defaults)
 
 
-# `make demo`: three real games, MoE and dense, sized to finish in ~10 minutes on 2 CPU cores
-DEMO = {"games": "pong,breakout,boxing", "steps_per_game": 12_288, "runs": "token,dense",
-        "seeds": "1", "num_experts": 32, "expert_dim": 64, "expert_hidden_dim": 128,
-        "hbm_capacity": 8, "dram_capacity": 16, "context_len": 4, "eval_episodes": 4,
-        "eval_max_steps": 600, "out": "runs/demo"}
+# Named configurations of ``experiment --preset NAME`` (flags given as well win). The
+# window agents' sizes are the demo's: 32 experts of 64 -> 128 -> 64, HBM 8, DRAM 16.
+DEMO_SIZES = {"num_experts": 32, "expert_dim": 64, "expert_hidden_dim": 128,
+              "hbm_capacity": 8, "dram_capacity": 16, "context_len": 4}
+# Forgetting in minutes: three synthetic games (contextual bandits whose action tables
+# clash, ``ooc_moe.envs.synthetic``) learnt with gamma 0, short rollouts and a larger
+# learning rate; four kinds x five seeds, two runs at a time (~30 min on 2 CPU cores).
+SYNTHETIC = {**DEMO_SIZES, "games": "synthetic-0,synthetic-1,synthetic-2",
+             "steps_per_game": 3072, "gamma": 0.0, "num_steps": 32, "learning_rate": 1e-3,
+             "eval_episodes": 8, "eval_max_steps": 200, "runs": "cnn,dense,token,cohort",
+             "seeds": "1,2,3,4,5", "jobs": 2, "out": "runs/synthetic"}
+PRESETS = {
+    "synthetic": SYNTHETIC,
+    # `make demo`: the synthetic tier, smaller (<= 15 min on 2 CPU cores)
+    "synthetic-demo": {**SYNTHETIC, "runs": "dense,cohort", "seeds": "1,2,3",
+                       "out": "runs/demo"},
+    # three real games at a budget where the agents barely learn (results/cpu-demo)
+    "atari-demo": {**DEMO_SIZES, "games": "pong,breakout,boxing", "steps_per_game": 12_288,
+                   "runs": "token,dense", "seeds": "1", "eval_episodes": 4,
+                   "eval_max_steps": 600, "out": "runs/atari-demo"},
+}
+ATARI_RESULTS = "results/cpu-demo: three games at demo size; results/breakout-learning"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _describe(preset: dict) -> str:
+    return f"{preset['runs']} on {preset['games']}, seeds {preset['seeds']}"
+
+
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``preset`` (a key of ``PRESETS``) sets ``experiment``'s defaults."""
     parser = argparse.ArgumentParser(prog="python -m ooc_moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     formatter = _DefaultsFormatter
@@ -369,19 +395,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run saved in DIR (its other flags are kept)")
         t.set_defaults(func=lambda a, atari=atari: _train(a, atari))
     for name, defaults, text in (
-            ("experiment", {}, "the sequential experiment: each --runs kind x --seeds, same "
-                               "games and active parameters; resumes what is unfinished"),
-            ("demo", DEMO, "the experiment at demo size: 3 Atari games, MoE and dense, "
-                           "~10 min on 2 CPU cores")):
+            ("experiment", PRESETS.get(preset, {}),
+             "the sequential experiment: each --runs kind x --seeds, same games and active "
+             "parameters; resumes what is unfinished"),
+            ("demo", PRESETS["synthetic-demo"],
+             "forgetting in minutes: experiment --preset synthetic-demo (dense and MoE "
+             "cohort on three synthetic games, 3 seeds, <= 15 min on 2 CPU cores)")):
         e = sub.add_parser(name, help=text, formatter_class=formatter)
         _add_train_flags(e, True, **defaults)
         runs = e.add_argument_group("experiment (run_experiment)")
+        if name == "experiment":
+            runs.add_argument("--preset", choices=list(PRESETS), default=preset,
+                              help="start from a named configuration (its flags are listed "
+                                   "as this help's defaults when given); flags given win: "
+                                   + "; ".join(f"{k}: {_describe(v)}" for k, v in
+                                               PRESETS.items()))
         runs.add_argument("--runs", default=defaults.get("runs", "token,env,dense"),
                           help="kinds of run: token, env, cohort (MoE routings), token-none, "
                                "token-horizon (token routing, other balance), dense (its dense "
                                "twin), cnn (CleanRL's agent)")
         runs.add_argument("--seeds", default=defaults.get("seeds", "1"),
                           help="comma-separated seeds, one run of each kind per seed")
+        runs.add_argument("--jobs", type=int, default=defaults.get("jobs", 1),
+                          help="runs trained at once, each in its own process with one torch "
+                               "thread (2 on a 2-core machine)")
         e.set_defaults(func=_experiment)
     lt = sub.add_parser("learning", help="how far runs had got by a step: the critic's "
                                          "explained variance, policy entropy and training "
@@ -396,8 +433,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _preset_of(argv: list[str]) -> str | None:
+    """The known preset that ``experiment ... --preset NAME`` names (argparse rejects others)."""
+    if not argv or argv[0] != "experiment":
+        return None
+    for i, arg in enumerate(argv):
+        name = (arg.split("=", 1)[1] if arg.startswith("--preset=") else
+                argv[i + 1] if arg == "--preset" and i + 1 < len(argv) else None)
+        if name in PRESETS:
+            return name
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_preset_of(argv)).parse_args(argv)
     args.func(args)
 
 

@@ -10,8 +10,10 @@ A run trains on games ``g1..gN`` one after another and, after each stage, evalua
   games of different score ranges can be averaged.
 
 Human-normalised score = ``100 * (score - random) / (human - random)`` with the random and human
-scores of the table used since Badia et al. (2020, Agent57), ``HUMAN_SCORES`` below; games not
-in it get ``nan``. The table's scores are of whole games; an evaluation capped at fewer steps
+scores of the table used since Badia et al. (2020, Agent57), ``HUMAN_SCORES`` below. The
+package's synthetic games (``synthetic-N``, ``ooc_moe.envs.synthetic``) have no human score:
+their optimum takes its place (every step rewarded: ``EPISODE_STEPS``), so 100 means played
+perfectly; other games get ``nan``. The table's scores are of whole games; an evaluation capped at fewer steps
 scores differently even when it plays randomly (a capped Pong game loses fewer points), so a
 run passes ``random_score``: uniformly random actions evaluated under its own protocol (same
 cap, same seeds, ``train.evaluate.evaluate_random``), which replaces the table's random score
@@ -28,8 +30,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["HUMAN_SCORES", "human_normalized", "forgetting", "average_final_score",
-           "aggregate_scores"]
+from .envs.synthetic import EPISODE_STEPS, NUM_ACTIONS, is_synthetic
+
+__all__ = ["HUMAN_SCORES", "reference_scores", "human_normalized", "forgetting",
+           "average_final_score", "aggregate_scores"]
 
 # game: (random, human), the table of Badia et al. (2020), Agent57, appendix H
 HUMAN_SCORES: dict[str, tuple[float, float]] = {
@@ -42,12 +46,24 @@ HUMAN_SCORES: dict[str, tuple[float, float]] = {
 }
 
 
+def reference_scores(game: str) -> tuple[float, float] | None:
+    """``(random, human)`` of ``game``: the table's, or for a synthetic game random play's
+    expected return and the optimum (``EPISODE_STEPS``); None for a game with neither."""
+    if game in HUMAN_SCORES:
+        return HUMAN_SCORES[game]
+    if is_synthetic(game):
+        return EPISODE_STEPS / NUM_ACTIONS, float(EPISODE_STEPS)
+    return None
+
+
 def human_normalized(game: str, score: float, random_score: float | None = None) -> float:
     """``100 * (score - random) / (human - random)``, ``random`` being ``random_score`` where
-    given (random play under the same protocol); nan for a game not in the table."""
-    if game not in HUMAN_SCORES:
+    given (random play under the same protocol); nan for a game without reference scores
+    (``reference_scores``)."""
+    reference = reference_scores(game)
+    if reference is None:
         return math.nan
-    random, human = HUMAN_SCORES[game]
+    random, human = reference
     baseline = random if random_score is None else random_score
     return 100.0 * (score - baseline) / (human - random)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ooc_moe.__main__ import build_parser
+from ooc_moe.__main__ import PRESETS, _preset_of, build_parser
 from ooc_moe.bench import TrainBenchConfig
 from ooc_moe.train import EvalArgs, PPOArgs
 
@@ -197,8 +197,32 @@ def test_bench_train_quick_reports_sps_and_ratios(tmp_path):
     assert 0 <= figures["agents"]["moe"]["hit_rate"] <= 1
 
 
+def parse(*argv: str) -> dict:
+    """The flags as ``python -m ooc_moe`` reads them (a preset's defaults included)."""
+    return vars(build_parser(_preset_of(list(argv))).parse_args(list(argv)))
+
+
+def test_presets_are_the_experiments_defaults_and_given_flags_win():
+    synthetic = parse("experiment", "--preset", "synthetic")
+    assert {k: synthetic[k] for k in PRESETS["synthetic"]} == PRESETS["synthetic"]
+    assert (synthetic["games"], synthetic["gamma"], synthetic["jobs"]) == (
+        "synthetic-0,synthetic-1,synthetic-2", 0.0, 2)
+    assert synthetic["runs"] == "cnn,dense,token,cohort" and synthetic["seeds"] == "1,2,3,4,5"
+    mine = parse("experiment", "--seeds", "7", "--preset=synthetic", "--gamma", "0.5")
+    assert (mine["seeds"], mine["gamma"], mine["steps_per_game"]) == ("7", 0.5, 3072)
+    demo, same = parse("demo"), parse("experiment", "--preset", "synthetic-demo")
+    for flags in (demo, same):
+        for key in ("command", "preset", "func"):
+            flags.pop(key, None)
+    assert demo == same
+    plain = parse("experiment")
+    assert (plain["gamma"], plain["jobs"], plain["preset"]) == (0.99, 1, None)
+    help_text = run("experiment", "--preset", "synthetic", "--help").stdout
+    assert "discount factor (default: 0.0)" in " ".join(help_text.split())
+
+
 def test_bench_train_uses_the_demo_sizes():
-    demo = vars(build_parser().parse_args(["demo"]))
+    demo = parse("experiment", "--preset", "atari-demo")
     cfg = TrainBenchConfig()
     for key in ("num_experts", "expert_dim", "expert_hidden_dim", "num_layers", "num_heads",
                 "top_k", "context_len", "hbm_capacity", "dram_capacity", "num_envs",
@@ -214,6 +238,8 @@ def test_bench_train_uses_the_demo_sizes():
     (["train", "--minibatches", "steps"], "minibatches must be one of"),
     (["train", "--steps_per_game", "10"], "less than one rollout"),
     (["train", "--games", "synthetic-1,synthetic-1"], "name a game twice"),
+    (["experiment", "--games", "synthetic-0", "--jobs", "0", "--out", "unused"],
+     "jobs must be an int >= 1"),
     (["experiment", "--games", "pong", "--runs", "dense,sparse"], "--runs must list"),
     (["train", "--routing", "cohort", "--cohort_size", "0"], "cohort_size=0 must be between"),
     (["train", "--routing", "cohort", "--cohort_size", "65"], "num_experts=64"),

@@ -53,7 +53,12 @@ def test_human_normalized_scores_follow_the_table():
     assert human_normalized("pong", -20.7) == pytest.approx(0.0)
     assert human_normalized("pong", 14.6) == pytest.approx(100.0)
     assert human_normalized("boxing", 6.1) == pytest.approx(50.0)
-    assert np.isnan(human_normalized("synthetic-0", 3.0))
+    assert np.isnan(human_normalized("space-war", 3.0))                   # not in the table
+    # synthetic games: random play's expected return is 0, the optimum (every step) 100
+    assert human_normalized("synthetic-2", 200 / 18) == pytest.approx(0.0)
+    assert human_normalized("synthetic-2", 200.0) == pytest.approx(100.0)
+    assert human_normalized("synthetic-0", 50.0, random_score=10.0) == pytest.approx(
+        100 * 40 / (200 - 200 / 18))
     assert all(human < random or human > random for random, human in HUMAN_SCORES.values())
     # random play under the run's own protocol replaces the table's random score
     assert human_normalized("pong", -10.0, random_score=-12.0) == pytest.approx(
@@ -388,7 +393,7 @@ def test_experiment_writes_every_run_and_a_summary(experiment):
     text = format_summary(summary)
     assert "after synthetic-1" in text and "token (seeds 1,2)" in text and "NMI" in text
     assert "prefetch precision" in text and "rise in own stage" in text
-    assert "IQM" not in text                           # nan scores: synthetic games
+    assert "IQM" in text                    # synthetic games: normalised by their optimum
     assert "capped at 12 steps; 0% of them finished" in text      # 200-step episodes
     assert json.loads((out / "summary.json").read_text())["dense"]["seeds"] == [1, 2]
 
@@ -434,16 +439,71 @@ def test_noise_of_rises_and_forgetting_is_a_t_interval_over_episodes_or_seeds():
     assert "no verdict" in format_verdict(summarize({"moe-seed1": blind}))
 
 
+def test_verdict_compares_each_kind_with_dense_paired_by_seed():
+    """Hand-made runs of three games: forgetting of a and b per seed is dense (4, 1), (5, 2),
+    (6, 0) and cohort (1, 1), (2, 3), (2, 0): paired differences (-3, -3, -4) on a, beyond
+    their t interval, and (0, 1, 0) on b, inside it."""
+    def run(seed: int, forgot: tuple[float, float]) -> dict:
+        retention = [[6.0, 1.0, 1.0], [3.0, 7.0, 1.0], [6.0 - forgot[0], 7.0 - forgot[1], 9.0]]
+        return {"games": ["a", "b", "c"], "args": {"seed": seed, "eval": {"episodes": 3}},
+                "initial": [1.0, 1.0, 1.0], "retention": retention,
+                "forgetting": forgetting(retention).tolist(), "average_final_score": 0.0,
+                "human_normalized": [[float("nan")] * 3] * 3, "sps": 1.0, "seconds": 1.0,
+                "device": "cpu", "date": "today", "eval_finished": [3, 3, 3]}
+    dense = {1: (4, 1), 2: (5, 2), 3: (6, 0)}
+    cohort = {1: (1, 1), 2: (2, 3), 3: (2, 0)}
+    runs = {**{f"dense-seed{k}": run(k, f) for k, f in dense.items()},
+            **{f"cohort-seed{k}": run(k, f) for k, f in cohort.items()},
+            "token-seed2": run(2, (5, 2))}
+    summary = summarize(runs)
+    paired = summary["cohort"]["vs_dense"]
+    assert paired["seeds"] == [1, 2, 3] and "vs_dense" not in summary["dense"]
+    t_975_2 = 4.302652729911275
+    np.testing.assert_allclose(paired["forgetting_difference"], [-10 / 3, 1 / 3, 0.0])
+    np.testing.assert_allclose(paired["forgetting_difference_noise"],
+                               [t_975_2 * np.std([-3, -3, -4], ddof=1) / np.sqrt(3),
+                                t_975_2 * np.std([0, 1, 0], ddof=1) / np.sqrt(3), 0.0])
+    verdict = format_verdict(summary)
+    assert "forgetting against dense, paired over seeds 1,2,3, on the games both learned: " \
+           "a less (-3.3 +- 1.4), b no different (+0.3 +- 1.4)" in verdict
+    flat = {k: {**v, "rise": [0.0, 6.0, 8.0]} if k == "dense" else v for k, v in summary.items()}
+    assert "on the games both learned: b no different" in format_verdict(flat)  # a: not by dense
+    assert summary["token"]["vs_dense"]["seeds"] == [2]           # one pair: no interval
+    assert np.isnan(summary["token"]["vs_dense"]["forgetting_difference_noise"]).all()
+    assert "token: no noise estimate" in verdict
+
+
 def test_experiment_reads_finished_runs_back_instead_of_retraining(experiment):
     out, summary = experiment
     stamp = (out / "token-seed1" / "metrics.json").stat().st_mtime_ns
     again = run_experiment(tiny(), ["token", "dense"], [1, 2], out, progress=False)
     assert (out / "token-seed1" / "metrics.json").stat().st_mtime_ns == stamp
-    for kind in ("token", "dense"):            # (average_final_score: nan, no human table)
+    for kind in ("token", "dense"):
         for key in ("retention", "initial", "forgetting", "sps", "seconds"):
             assert again[kind][key] == summary[kind][key]
     with pytest.raises(ValueError, match="runs must be among"):
         run_experiment(tiny(), ["moe"], [1], out)
+
+
+def test_experiment_jobs_train_runs_in_processes_as_they_train_one_by_one(experiment, tmp_path,
+                                                                        capsys):
+    """``jobs=2``: two spawned processes (one torch thread each, as this suite) give every
+    run exactly what the same run gives in this process, and say when each ends."""
+    out, _ = experiment
+    with pytest.raises(ValueError, match="jobs must be an int >= 1"):
+        run_experiment(tiny(), ["dense"], [1], tmp_path, jobs=0)
+    assert not any(tmp_path.iterdir())                              # nothing started
+    summary = run_experiment(tiny(), ["dense"], [1, 2], tmp_path, progress=False, jobs=2)
+    printed = capsys.readouterr().out
+    assert "2 runs, 2 at a time" in printed
+    assert "dense-seed1 finished in" in printed and "dense-seed2 finished in" in printed
+    for seed in (1, 2):
+        here, there = (json.loads((d / f"dense-seed{seed}" / "metrics.json").read_text())
+                       for d in (out, tmp_path))
+        assert there["retention"] == here["retention"]
+        assert ([h["losses/value_loss"] for h in there["history"]]
+                == [h["losses/value_loss"] for h in here["history"]])
+    assert summary["dense"]["seeds"] == [1, 2]
 
 
 def test_sequential_plots_draw_from_the_results(experiment):
@@ -453,7 +513,15 @@ def test_sequential_plots_draw_from_the_results(experiment):
     fig = plot_retention(results)
     assert len(fig.axes) == 4
     assert len(plot_retention(summary).axes) == 2
-    plot_forgetting(summary)
+    fig = plot_forgetting(summary)                       # two seeds: t intervals
+    assert "95% intervals" in fig.axes[0].get_title()
+    (_, caps, _) = fig.axes[0].containers[1]             # token's error bar on synthetic-0
+    low, high = sorted(c.get_ydata()[0] for c in caps)
+    assert (low, high) == pytest.approx((summary["token"]["forgetting"][0] - summary["token"][
+        "forgetting_noise"][0], summary["token"]["forgetting"][0] + summary["token"][
+        "forgetting_noise"][0]))
+    blind = {k: {**v, "forgetting_noise": [float("nan")] * 2} for k, v in summary.items()}
+    assert "min-max" in plot_forgetting(blind).axes[0].get_title()
     fig = plot_game_expert_usage(results["token-seed1"], layer=1, game="synthetic-1")
     assert "layer 1" in fig.axes[0].get_title()
     assert len(plot_game_expert_usage(results["token-seed1"]).axes) == 4   # 2 + colour bars

@@ -83,7 +83,8 @@ from gymnasium.spaces import Box, Discrete
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-__all__ = ["SyntheticAtari", "make_synthetic", "parse_synthetic_game", "synthetic_game_names",
+__all__ = ["SyntheticAtari", "make_synthetic", "parse_synthetic_game", "is_synthetic",
+           "synthetic_game_names", "EPISODE_STEPS", "NUM_ACTIONS",
            "oracle_action", "random_policy_return", "optimal_policy_return"]
 
 SIZE, STACK = 84, 4            # frame side and stack depth, as make_atari's frames
@@ -94,6 +95,8 @@ OBJECT_THRESHOLD = 200         # pixels above this are the square's
 NOISE_FRAMES = 64              # per-game bank of noisy backgrounds (a power of two)
 WORLD_SEED = 0x5EEDA7A1        # fixes every game's look and rules, whatever the env seeds
 DEFAULT_NUM_GAMES = 8
+EPISODE_STEPS = 200            # an episode's steps (its optimal return), by default
+NUM_ACTIONS = 18               # ALE's full action space
 _NAME = re.compile(r"^\s*synthetic[-_ ]?(\d+)\s*$", re.IGNORECASE)
 
 
@@ -163,7 +166,7 @@ def _move(pos: np.ndarray, vel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(pos, 0, SIZE - OBJECT), np.where(hit, -vel, vel)
 
 
-def oracle_action(obs: np.ndarray, game: int, *, num_actions: int = 18, buckets: int = 4,
+def oracle_action(obs: np.ndarray, game: int, *, num_actions: int = NUM_ACTIONS, buckets: int = 4,
                   motion: bool = False) -> np.ndarray:
     """The rewarded action for each observation of game ``game``, read from the pixels alone.
 
@@ -183,6 +186,11 @@ def oracle_action(obs: np.ndarray, game: int, *, num_actions: int = 18, buckets:
 
 
 # -- names -----------------------------------------------------------------------------------
+
+def is_synthetic(game: str) -> bool:
+    """Whether ``game`` names a synthetic game (``"synthetic-3"`` and its spellings)."""
+    return isinstance(game, str) and _NAME.match(game) is not None
+
 
 def parse_synthetic_game(game: int | str) -> int:
     """The game id of ``3``, ``"synthetic-3"``, ``"Synthetic_3"`` or ``"synthetic3"``."""
@@ -218,8 +226,8 @@ class SyntheticAtari(VectorEnv):
     """
 
     def __init__(self, game: int, num_envs: int, seed: int = 0, *,
-                 num_games: int = DEFAULT_NUM_GAMES, episode_steps: int = 200,
-                 num_actions: int = 18, buckets: int = 4, motion: bool = False,
+                 num_games: int = DEFAULT_NUM_GAMES, episode_steps: int = EPISODE_STEPS,
+                 num_actions: int = NUM_ACTIONS, buckets: int = 4, motion: bool = False,
                  max_misses: int | None = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP):
         self.num_envs = _check_int("num_envs", num_envs, 1)

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 from scipy import stats
 
 from ..scores import aggregate_scores
@@ -37,32 +41,74 @@ RUN_KINDS = {"token": {"baseline": "moe", "routing": "token"},
 
 
 def run_experiment(base: TrainArgs, kinds: Sequence[str], seeds: Sequence[int],
-                   out: str | Path, *, progress: bool = True, command: str | None = None
-                   ) -> dict:
-    """Train (or resume, or read back) every ``kind`` x ``seed``; returns the summary."""
+                   out: str | Path, *, progress: bool = True, command: str | None = None,
+                   jobs: int = 1) -> dict:
+    """Train (or resume, or read back) every ``kind`` x ``seed``; returns the summary.
+
+    ``jobs > 1`` trains that many runs at once, each in its own process with one torch
+    thread (a 2-core machine runs two); each run prints one line when it ends instead of a
+    progress bar. Several machines sharing ``out`` may run the same call: a finished run is
+    read back, but two machines must not train the same run at the same time.
+    """
     unknown = [k for k in kinds if k not in RUN_KINDS]
     if unknown or not kinds:
         raise ValueError(f"runs must be among {', '.join(RUN_KINDS)}, got {list(kinds)}")
     if not seeds:
         raise ValueError("give at least one seed")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     for kind in kinds:                   # every configuration checked before any training
         replace(base, **RUN_KINDS[kind]).agent_config()
     out = Path(out)
-    for kind in kinds:
-        for seed in seeds:
-            run_dir = out / f"{kind}-seed{seed}"
-            if _finished(run_dir):
-                continue
-            args = replace(base, **RUN_KINDS[kind], seed=seed, out=str(run_dir))
-            agent = train(args, progress, resume=find_checkpoint(run_dir) is not None,
-                          command=command)["agent"]
-            if agent.store is not None:
-                agent.store.shutdown()     # its pools go now, not when the process ends
+    todo = [replace(base, **RUN_KINDS[kind], seed=seed, out=str(out / f"{kind}-seed{seed}"))
+            for kind in kinds for seed in seeds
+            if not _finished(out / f"{kind}-seed{seed}")]
+    if jobs == 1 or len(todo) < 2:
+        for args in todo:
+            _train_run(args, progress, command)
+    else:
+        _train_in_processes(todo, jobs, command)
     results = load_results(out)
     summary = summarize({name: results[name] for kind in kinds for seed in seeds
                          if (name := f"{kind}-seed{seed}") in results})
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary
+
+
+def _train_run(args: TrainArgs, progress: bool, command: str | None) -> float:
+    """Train (or resume) one run of the experiment; its seconds."""
+    started = time.perf_counter()
+    agent = train(args, progress, resume=find_checkpoint(args.out) is not None,
+                  command=command)["agent"]
+    if agent.store is not None:
+        agent.store.shutdown()             # its pools go now, not when the process ends
+    return time.perf_counter() - started
+
+
+def _train_in_process(args: TrainArgs, command: str | None) -> float:
+    """``_train_run`` in a worker process: one torch thread, no progress bar."""
+    torch.set_num_threads(1)
+    return _train_run(args, False, command)
+
+
+def _train_in_processes(todo: Sequence[TrainArgs], jobs: int, command: str | None) -> None:
+    """Every run of ``todo``, ``jobs`` at a time in fresh processes (spawned, so no thread
+    or file of this process is inherited); the first failure cancels the runs not started
+    and is raised once the running ones end (they keep their checkpoints)."""
+    context = multiprocessing.get_context("spawn")
+    print(f"{len(todo)} runs, {jobs} at a time (one process and torch thread each)",
+          flush=True)
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {pool.submit(_train_in_process, args, command): Path(args.out).name
+                   for args in todo}
+        try:
+            for done, future in enumerate(as_completed(futures), 1):
+                seconds = future.result()
+                print(f"  [{done}/{len(todo)}] {futures[future]} finished in "
+                      f"{seconds / 60:.1f} min", flush=True)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _finished(run_dir: Path) -> bool:
@@ -152,7 +198,25 @@ def summarize(results: Mapping[str, dict]) -> dict:
             s["bytes_moved"] = {link: float(np.mean([m["bytes_moved"][link] for m in runs]))
                                 for link in runs[0]["bytes_moved"]}
         summary[kind] = s
+    if "dense" in by_kind:
+        for kind, runs in by_kind.items():
+            if kind != "dense" and (paired := _paired_with_dense(runs, by_kind["dense"])):
+                summary[kind]["vs_dense"] = paired
     return summary
+
+
+def _paired_with_dense(runs: Sequence[dict], dense: Sequence[dict]) -> dict | None:
+    """Forgetting minus the dense baseline's, per game, paired by seed (same seed, same
+    environments and evaluation): the mean difference over the seeds both kinds have and its
+    95% t half-width (NaN with fewer than two such seeds); None without a common seed."""
+    by_seed = {m["args"]["seed"]: m for m in dense}
+    pairs = [(m, by_seed[m["args"]["seed"]]) for m in runs if m["args"]["seed"] in by_seed]
+    if not pairs:
+        return None
+    diff = np.array([np.subtract(m["forgetting"], d["forgetting"]) for m, d in pairs])
+    return {"seeds": [m["args"]["seed"] for m, _ in pairs],
+            "forgetting_difference": diff.mean(0).tolist(),
+            "forgetting_difference_noise": half_width_95(diff.T).tolist()}
 
 
 def format_summary(summary: Mapping[str, dict]) -> str:
@@ -217,24 +281,52 @@ def format_summary(summary: Mapping[str, dict]) -> str:
 def format_verdict(summary: Mapping[str, dict]) -> str:
     """What the figures support, per kind of run: which games rose during their own stage
     beyond the noise (the 95% half-width: over seeds, or with one seed over the evaluation's
-    paired episodes), which were then forgotten beyond it, and how much the experts depend
-    on the game. A difference inside the noise counts as none."""
+    paired episodes), which were then forgotten beyond it, how much the experts depend on the
+    game, and, paired by seed with the dense baseline, on which games both learned the kind
+    forgot more or less than dense beyond the noise of the paired differences. A difference
+    inside the noise counts as none."""
+    learned = {kind: _learned(s) for kind, s in summary.items()}
     lines = []
     for kind, s in summary.items():
-        if np.isnan(s.get("rise_noise", [np.nan])).any():
+        if learned[kind] is None:
             lines.append(f"{kind}: no noise estimate (one seed and one episode, or no "
                          "per-episode returns); no verdict")
             continue
-        learned = [g for g, r, e in zip(s["games"], s["rise"], s["rise_noise"]) if r > e]
         forgot = [g for g, f, e in zip(s["games"][:-1], s["forgetting"], s["forgetting_noise"])
-                  if g in learned and f > e]
+                  if g in learned[kind] and f > e]
         text = (f"{kind}: learned beyond noise during its own stage: "
-                f"{', '.join(learned) or 'no game'}; of those, forgotten beyond noise by the "
-                f"end: {', '.join(forgot) or 'none'}")
+                f"{', '.join(learned[kind]) or 'no game'}; of those, forgotten beyond noise by "
+                f"the end: {', '.join(forgot) or 'none'}")
         if "mutual_information" in s:
             text += f"; game-expert NMI {s['mutual_information']:.2f}"
+        if "vs_dense" in s:
+            both = set(learned[kind]) & set(learned.get("dense") or [])
+            text += "; " + _versus_dense(s["games"][:-1], s["vs_dense"], both)
         lines.append(text)
     return "\n".join(lines)
+
+
+def _learned(s: dict) -> list[str] | None:
+    """The games that rose beyond the noise during their own stage; None without noise."""
+    if np.isnan(s.get("rise_noise", [np.nan])).any():
+        return None
+    return [g for g, r, e in zip(s["games"], s["rise"], s["rise_noise"]) if r > e]
+
+
+def _versus_dense(games: Sequence[str], paired: dict, learned: set[str]) -> str:
+    """The verdict's comparison with dense on the ``learned`` games (forgetting a game that
+    was never learned is noise): per game, less / more / no different."""
+    seeds = ",".join(map(str, paired["seeds"]))
+    if len(paired["seeds"]) < 2:
+        return f"against dense (seed {seeds}): no noise estimate, no comparison"
+    verdicts = []
+    for game, d, e in zip(games, paired["forgetting_difference"],
+                          paired["forgetting_difference_noise"]):
+        if game in learned:
+            word = "less" if d < -e else "more" if d > e else "no different"
+            verdicts.append(f"{game} {word} ({d:+.1f} +- {e:.1f})")
+    return (f"forgetting against dense, paired over seeds {seeds}, on the games both "
+            f"learned: {', '.join(verdicts) or 'none'}")
 
 
 def early_learning(history: Sequence[dict], at: int, last: int = 5) -> dict:

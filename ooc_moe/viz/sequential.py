@@ -62,25 +62,32 @@ def plot_retention(results: Mapping[str, dict]) -> Figure:
 
 def plot_forgetting(summary: Mapping[str, dict]) -> Figure:
     """Forgetting per game (score at the end of its own stage minus at the end of the
-    sequence; > 0 = forgotten) for each kind of run: the mean over seeds, with min-max bars."""
+    sequence; > 0 = forgotten) for each kind of run: the mean over seeds, with its 95%
+    interval (``forgetting_noise``: a t interval over seeds, or with one seed over the
+    evaluation's paired episodes) where the summary has one, else min-max bars."""
     kinds = list(summary)
     games = summary[kinds[0]]["games"][:-1]           # the last game cannot be forgotten
     fig, ax = plt.subplots(figsize=(2 + 1.6 * max(len(games), 1), 3.4), layout="constrained")
     width = 0.8 / len(kinds)
+    intervals = all(np.isfinite(summary[k].get("forgetting_noise", [np.nan])[:len(games)]).all()
+                    for k in kinds)
     for i, kind in enumerate(kinds):
         s = summary[kind]
         mean = np.array(s["forgetting"][:len(games)])
-        low = np.array(s.get("forgetting_min", s["forgetting"])[:len(games)])
-        high = np.array(s.get("forgetting_max", s["forgetting"])[:len(games)])
+        if intervals:
+            low = high = np.array(s["forgetting_noise"][:len(games)])
+        else:
+            low = mean - np.array(s.get("forgetting_min", s["forgetting"])[:len(games)])
+            high = np.array(s.get("forgetting_max", s["forgetting"])[:len(games)]) - mean
         x = np.arange(len(games)) + (i - (len(kinds) - 1) / 2) * width
         ax.bar(x, mean, width, color=RUN_COLOURS.get(kind, "#6c757d"),
                label=f"{kind} (seeds {','.join(map(str, s.get('seeds', [])))})")
-        ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="none", color="black",
-                    capsize=3, linewidth=1)
+        ax.errorbar(x, mean, yerr=[low, high], fmt="none", color="black", capsize=3,
+                    linewidth=1)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(games)), games)
-    ax.set(ylabel="forgetting (raw score)", title="forgetting per game (bars: min-max over "
-           "seeds)")
+    ax.set(ylabel="forgetting (raw score)", title="forgetting per game (bars: "
+           + ("95% intervals)" if intervals else "min-max over seeds)"))
     ax.legend(fontsize=8)
     return fig
 
