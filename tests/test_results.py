@@ -71,3 +71,34 @@ def test_each_early_learning_table_is_what_its_runs_give(table):
     runs = {p.parent.name: json.loads(p.read_text())
             for p in sorted(table.parent.glob("*/metrics.json"))}
     assert learning_table(runs, committed["at"]) == committed["kinds"]
+
+
+def test_the_synthetic_preset_is_what_readme_states_and_made_its_results():
+    """README's section on ``results/synthetic`` names every flag of ``--preset synthetic``
+    with its value, and every committed run of it was made with those values."""
+    from ooc_moe.__main__ import PRESETS
+    from ooc_moe.train import RUN_KINDS
+
+    preset = PRESETS["synthetic"]
+    readme = (RESULTS.parent / "README.md").read_text()
+    section = readme[readme.index("(`results/synthetic/`)"):]
+    section = " ".join(section[:section.index("\n### ")].split())
+    for key, value in preset.items():
+        if key != "out":
+            assert f"--{key} {value}" in section, f"README does not state --{key} {value}"
+    runs = load_results(RESULTS / "synthetic")
+    assert sorted(runs) == sorted(f"{k}-seed{s}" for k in preset["runs"].split(",")
+                                  for s in preset["seeds"].split(","))
+    for name, metrics in runs.items():
+        args = metrics["args"]
+        assert ",".join(args["games"]) == preset["games"]
+        assert args["steps_per_game"] == preset["steps_per_game"]
+        assert (args["ppo"]["gamma"], args["ppo"]["num_steps"], args["ppo"]["learning_rate"]) \
+            == (preset["gamma"], preset["num_steps"], preset["learning_rate"])
+        assert (args["eval"]["episodes"], args["eval"]["max_steps"]) == (
+            preset["eval_episodes"], preset["eval_max_steps"])
+        for key in ("num_experts", "expert_dim", "expert_hidden_dim", "hbm_capacity",
+                    "dram_capacity", "context_len"):
+            assert args[key] == preset[key], (name, key)
+        kind = name.rsplit("-seed", 1)[0]
+        assert all(args[k] == v for k, v in RUN_KINDS[kind].items()), name
