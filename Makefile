@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 
 # the whole suite: unit, property and integration tests, and every notebook (quick mode)
 test: $(VENV)/.installed
-	OOC_MOE_QUICK=1 $(PY) -m pytest --nbmake --nbmake-timeout=600
+	OOC_MOE_QUICK=1 $(PY) -m pytest --nbmake --nbmake-timeout=600 --durations=25
 
 bench: $(VENV)/.installed
 	$(PY) -m ooc_moe bench all

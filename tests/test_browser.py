@@ -158,12 +158,28 @@ def wait_for_change(page, before: str):
         }""", arg=before, timeout=TIMEOUT_MS, polling=500)
 
 
-def assert_no_errors(page, saved: Path):
+def save(page, path: Path, timeout_s: float = 120) -> dict:
+    """Save the notebook from the browser and return it as written: the server rewrites the
+    file in place, so poll until it parses with every code cell run (the copy had none)."""
+    page.keyboard.press("Control+s")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            nb = json.loads(path.read_text())
+            if all(c["execution_count"] for c in nb["cells"] if c["cell_type"] == "code"):
+                return nb
+        except json.JSONDecodeError:
+            pass                                       # caught mid-write
+        assert time.monotonic() < deadline, f"{path.name} was not saved with its outputs"
+        page.wait_for_timeout(500)
+
+
+def assert_no_errors(page, saved: dict):
     tracebacks = page.evaluate(
         """() => [...document.querySelectorAll('.jp-OutputArea-output')]
                  .map(o => o.innerText).filter(t => /Traceback|Error:/.test(t))""")
     assert not tracebacks, "an output shows an error:\n" + "\n---\n".join(tracebacks)[:4000]
-    errors = [o for c in json.loads(saved.read_text())["cells"] if c["cell_type"] == "code"
+    errors = [o for c in saved["cells"] if c["cell_type"] == "code"
               for o in c["outputs"] if o["output_type"] == "error"]
     assert not errors, f"the kernel raised: {[(e['ename'], e['evalue']) for e in errors]}"
 
@@ -186,10 +202,7 @@ def drive(lab, browser, tmp_path, name, keep, move):
         move(page)
         wait_for_change(page, before)
         page.wait_for_timeout(500)
-        page.keyboard.press("Control+s")
-        page.wait_for_function(
-            "() => !document.querySelector('.jp-mod-current .jp-mod-dirty')", timeout=60_000)
-        assert_no_errors(page, path)
+        assert_no_errors(page, save(page, path))
     except BaseException as exc:
         shot = tmp_path / f"{Path(name).stem}-failure.png"
         page.screenshot(path=str(shot), full_page=True)

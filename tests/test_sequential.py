@@ -88,8 +88,11 @@ def test_an_untrained_agent_scores_about_zero_under_a_capped_evaluation():
         agent.store.shutdown()
     r = [[0.0, 0.0], [-20.7, 12.1]]
     assert average_final_score(r, ["pong", "boxing"]) == pytest.approx(50.0)
-    assert average_final_score(r, ["pong", "synthetic-1"]) == pytest.approx(0.0)
-    assert np.isnan(average_final_score(r, ["synthetic-0", "synthetic-1"]))
+    assert average_final_score(r, ["pong", "no-such-game"]) == pytest.approx(0.0)
+    assert np.isnan(average_final_score(r, ["no-such-game", "nor-this"]))
+    # a synthetic game: random play earns 200/18 a 200-step episode, the optimum 200
+    assert average_final_score(r, ["pong", "synthetic-1"]) == pytest.approx(
+        (0.0 + 100 * (12.1 - 200 / 18) / (200 - 200 / 18)) / 2)
 
 
 def test_aggregate_scores_are_rliables_iqm_and_mean_with_repeatable_intervals():
