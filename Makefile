@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # would pull a multi-GB CUDA build. Override e.g. TORCH_SPEC="torch" on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lab bench clean
+.PHONY: demo test notebooks lab bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,17 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m ooc_moe demo
 
-# the whole suite: unit, property and integration tests, and every notebook (quick mode)
+# the whole suite: unit, property and integration tests, and every notebook (quick mode), on
+# every core (pytest-xdist; the browser cases share one worker and one JupyterLab)
 test: $(VENV)/.installed
-	OOC_MOE_QUICK=1 $(PY) -m pytest --nbmake --nbmake-timeout=600 --durations=25
+	OOC_MOE_QUICK=1 $(PY) -m pytest -n auto --dist loadgroup --nbmake --nbmake-timeout=600 --durations=25
+
+# the notebooks as committed: run in quick mode and saved with their outputs, so a reader sees
+# the plots without running anything (`make test` runs them again, without saving)
+NOTEBOOKS ?= $(wildcard notebooks/[0-9][0-9]_*.ipynb)
+notebooks: $(VENV)/.installed
+	OOC_MOE_QUICK=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=900 --ExecutePreprocessor.record_timing=False $(NOTEBOOKS)
 
 bench: $(VENV)/.installed
 	$(PY) -m ooc_moe bench all

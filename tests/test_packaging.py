@@ -43,7 +43,7 @@ def test_environment_yml_lists_the_same_dependencies_as_pyproject():
 def test_readme_shows_the_make_targets_that_exist():
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()
-    for target in ("demo", "test", "lab"):
+    for target in ("demo", "test", "notebooks", "lab"):
         assert f"make {target}" in readme
         assert re.search(rf"^{target}:", makefile, re.M)
     assert "make test" in (ROOT / ".ci" / "run").read_text()
