@@ -44,13 +44,15 @@ def free_port() -> int:
 
 
 def copy_notebook(name: str, dest: Path, keep=None) -> Path:
-    """notebooks/<name> into dest/notebooks/, outputs cleared; only the code cells `keep` accepts."""
+    """notebooks/<name> into dest/notebooks/, outputs and widget state cleared; only the code
+    cells `keep` accepts."""
     nb = json.loads((ROOT / "notebooks" / name).read_text())
     if keep is not None:
         nb["cells"] = [c for c in nb["cells"] if c["cell_type"] == "code" and keep("".join(c["source"]))]
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
             cell["outputs"], cell["execution_count"] = [], None
+    nb["metadata"].pop("widgets", None)       # the committed run's widget state, as outputs
     path = dest / "notebooks" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(nb, indent=1))
@@ -217,7 +219,8 @@ def move_hbm_slider(page):
     """Type a new value into the "HBM slots" slider's readout (as a user can), then Enter."""
     slider = page.locator(".widget-slider", has=page.locator("label", has_text="HBM slots"))
     readout = slider.locator(".widget-readout")
-    value = int(readout.inner_text())
+    readout.scroll_into_view_if_needed()      # JupyterLab does not render cells out of view
+    value = int(readout.text_content())
     readout.click()
     page.keyboard.press("Control+a")
     page.keyboard.type(str(value + 8 if value + 8 <= 32 else value - 4))

@@ -289,7 +289,7 @@ def plot_tier_history(ax: Axes, runs: Mapping[str, Sequence[dict]]) -> None:
     run of ``runs`` that has a store (panel (b) of ``plot_learning_curve``)."""
     stored = [(name, h) for name, h in runs.items() if h and "store/hit_rate" in h[0]]
     if not stored:
-        ax.text(0.5, 0.5, "no expert store (dense agent)", ha="center", va="center",
+        ax.text(0.5, 0.5, "no expert store (dense or cnn agent)", ha="center", va="center",
                 transform=ax.transAxes)
         ax.set(xticks=[], yticks=[], title="(b) where expert accesses were served")
         return
