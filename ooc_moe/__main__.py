@@ -173,7 +173,8 @@ def _learning(args: argparse.Namespace) -> None:
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    from .train import format_summary, format_verdict, run_experiment
+    from .train import (cache_table, format_cache_table, format_summary, format_verdict,
+                        load_results, run_experiment)
 
     try:
         kinds = [k.strip() for k in args.runs.split(",") if k.strip()]
@@ -195,6 +196,11 @@ def _experiment(args: argparse.Namespace) -> None:
     print()
     print(format_summary(summary))
     print("\n" + format_verdict(summary))
+    if base.trace:
+        table = cache_table(load_results(base.out))
+        if table:
+            print("\nthe cache, per kind of MoE run (its trace replayed by plain LRU and "
+                  "Belady):\n" + format_cache_table(table))
     print(f"\nplots: {base.out}/<run>/retention.png, hit_rate.png, game_expert.png; "
           f"summary: {base.out}/summary.json")
     if args.command == "demo":

@@ -1,12 +1,13 @@
 """Routing traces and a trace-driven simulator of the tiered expert cache.
 
 A ``RoutingTrace`` records what a run asked of its expert store: every ``get_experts``,
-``prefetch`` and ``mark_dirty`` call and every change of phase (``TieredExpertStore.in_phase``),
-in order (the *events*), and, per training step, the game
+``prefetch``, ``expect`` and ``mark_dirty`` call and every change of phase
+(``TieredExpertStore.in_phase``), in order (the *events*), and, per training step, the game
 being played, the experts each MoE layer used and the prefetch set issued before the step (the
 *steps*, for analysis). ``simulate`` replays the events with a replacement policy and slot
 counts of your choice. With ``policy="lru"`` and the store's capacities it reproduces the
-store's counters exactly (tests/test_trace.py checks this); ``"lfu"`` and ``"belady"`` (evict
+store's counters exactly (tests/test_trace.py checks this), the known futures that ``expect``
+gave it included (``hints=False`` replays plain LRU instead); ``"lfu"`` and ``"belady"`` (evict
 the expert whose next use is farthest: Belady, 1966) show what another policy, or an
 oracle, would have done with the same accesses. Every result is also split by phase
 (``SimResult.by_phase``), as the store splits its own counters.
@@ -20,19 +21,20 @@ when no slot may be freed; DRAM never evicts an expert that is in HBM.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from .store.residency import farthest_next_use
 from .store.stats import LINKS, PHASES, PhaseTally, StoreStats
 
 __all__ = ["RoutingTrace", "LinkBandwidths", "SimResult", "simulate", "POLICIES"]
 
 POLICIES = ("lru", "lfu", "belady")
-_KINDS = ("get", "prefetch_hbm", "prefetch_dram", "dirty", "flush", "phase")
+_KINDS = ("get", "prefetch_hbm", "prefetch_dram", "dirty", "flush", "phase", "expect")
 
 
 @dataclass
@@ -140,7 +142,7 @@ class SimResult(StoreStats):
 
     @property
     def prefetch_precision(self) -> float:
-        """Prefetched experts that were used before being evicted, per prefetch issued."""
+        """Of the prefetches whose fate is decided (used, or evicted unused), the share used."""
         done = self.prefetches_used + self.prefetches_wasted
         return self.prefetches_used / done if done else 0.0
 
@@ -165,10 +167,11 @@ class _Tier:
         if self.policy == "lfu":
             self.count[e] = self.count.get(e, 0) + 1
 
-    def victim(self, evictable) -> int | None:
+    def victim(self, evictable, future: deque) -> int | None:
         candidates = (e for e in self.order if evictable(e))
-        if self.policy == "lru":
-            return next(candidates, None)
+        if self.policy == "lru":   # the store's policy: LRU, or the known future's farthest
+            return farthest_next_use(list(candidates), future) if future \
+                else next(candidates, None)
         pool = list(candidates)
         if not pool:
             return None
@@ -203,7 +206,7 @@ def _events(trace, prefetch) -> list:
 
 def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
              dram_capacity: int | None = None, policy: str = "lru",
-             prefetch: bool | Sequence[Sequence[int]] | None = None, *,
+             prefetch: bool | Sequence[Sequence[int]] | None = None, *, hints: bool = True,
              record_bytes: int = 0, bandwidths: LinkBandwidths = LinkBandwidths()) -> SimResult:
     """Replay ``trace`` through a simulated two-tier cache; return the counters.
 
@@ -211,6 +214,8 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
     sequence of expert ids (one ``get`` per step). ``dram_capacity=None``: DRAM holds every
     expert. ``prefetch``: None replays recorded prefetches, False drops them, or a sequence
     giving, per step, the ids to prefetch to HBM before that step's first ``get``.
+    ``hints``: the LRU policy follows the recorded known futures (``expect``), as the store
+    does; False ignores them (other policies always do).
     ``record_bytes`` turns move counts into bytes and modelled transfer seconds.
     """
     if policy not in POLICIES:
@@ -238,6 +243,7 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
 
     hbm, dram = _Tier(hbm_capacity, policy, next_use), _Tier(dram_capacity, policy, next_use)
     hbm_dirty, dram_dirty, prefetched = set(), set(), {"hbm": set(), "dram": set()}
+    future: deque = deque()            # the store's known future (expect), soonest first
     in_use: tuple = ()
     moves = r.moves
     step_hits = step_accesses = 0
@@ -250,7 +256,7 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
         r.bytes_moved = {link: n * record_bytes for link, n in moves.items()}
 
     def evict_hbm(protected) -> bool:
-        victim = hbm.victim(lambda v: v not in protected)
+        victim = hbm.victim(lambda v: v not in protected, future)
         if victim is None:
             return False
         if victim in hbm_dirty:
@@ -266,7 +272,7 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
 
     def load_dram(e) -> bool:
         if len(dram.order) >= dram.capacity:
-            victim = dram.victim(lambda v: v not in hbm.order)
+            victim = dram.victim(lambda v: v not in hbm.order, future)
             if victim is None:
                 return False
             if victim in dram_dirty:
@@ -296,6 +302,11 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
                 r.hit_rate_per_step.append(step_hits / step_accesses)
             current_step, step_hits, step_accesses = step, 0, 0
         if kind == "get":
+            if future:                 # the store's _follow_future
+                if future[0] == frozenset(ids):
+                    future.popleft()
+                else:
+                    future.clear()
             protected = set(ids)
             in_use = ()
             for e in ids:  # the hot loop: keep it lean
@@ -322,6 +333,9 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
             in_use = ids
         elif kind == "dirty":
             hbm_dirty.update(ids)
+        elif kind == "expect":
+            if hints:
+                future.appendleft(frozenset(ids))
         elif kind == "phase":
             settle()
             phases.switch(r, PHASES[ids[0]])

@@ -19,23 +19,38 @@ def read_file_records(directory) -> np.ndarray:
 
 
 class ListLRU:
-    """Two inclusive LRU tiers as lists (least recent first), counting like StoreStats."""
+    """Two inclusive LRU tiers as lists (least recent first), counting like StoreStats.
+
+    With a known future (``expect``: a list of the next calls' ids), a tier evicts instead
+    the candidate whose first use in it comes last (never used: before all), the least
+    recent among equals; a ``get`` that is not the next expected call forgets the future."""
 
     def __init__(self, hbm: int, dram: int) -> None:
         self.cap = {"hbm": hbm, "dram": dram}
         self.hbm: list[int] = []
         self.dram: list[int] = []
         self.in_use: list[int] = []
+        self.future: list[list[int]] = []
         self.counts = dict(accesses=0, hbm_hits=0, dram_hits=0, file_reads=0,
                            hbm_evictions=0, dram_evictions=0, prefetches_issued=0,
                            prefetches_dropped=0)
+
+    def _pick(self, free: list[int]) -> int:
+        def first_use(v):
+            uses = [i for i, call in enumerate(self.future) if v in call]
+            return uses[0] if uses else len(self.future)
+        latest = max(first_use(v) for v in free)
+        return [v for v in free if first_use(v) == latest][0]
+
+    def expect(self, calls) -> None:
+        self.future = [list(c) for c in calls] + self.future
 
     def _to_dram(self, e: int) -> bool:
         if len(self.dram) == self.cap["dram"]:
             free = [v for v in self.dram if v not in self.hbm]
             if not free:
                 return False
-            self.dram.remove(free[0])
+            self.dram.remove(self._pick(free))
             self.counts["dram_evictions"] += 1
         self.dram.append(e)
         return True
@@ -45,7 +60,7 @@ class ListLRU:
             free = [v for v in self.hbm if v not in protected]
             if not free:
                 return False
-            self.hbm.remove(free[0])
+            self.hbm.remove(self._pick(free))
             self.counts["hbm_evictions"] += 1
         if e not in self.dram:
             assert self._to_dram(e)
@@ -60,6 +75,8 @@ class ListLRU:
 
     def get(self, ids) -> None:
         ids = list(dict.fromkeys(ids))
+        if self.future:
+            self.future = self.future[1:] if set(self.future[0]) == set(ids) else []
         for e in ids:
             self.counts["accesses"] += 1
             key = "hbm_hits" if e in self.hbm else "dram_hits" if e in self.dram else "file_reads"

@@ -24,7 +24,7 @@ from ooc_moe.train import (EvalArgs, PPOArgs, PPOTrainer, TrainArgs, args_from_j
                            format_verdict, half_width_95, load_checkpoint, make_env,
                            paired_changes, run_experiment, save_checkpoint, summarize,
                            train)
-from ooc_moe.train import RUN_KINDS  # noqa: E402
+from ooc_moe.train import RUN_KINDS, cache_table, format_cache_table, load_results  # noqa: E402
 from ooc_moe.train import run as run_module  # noqa: E402
 from ooc_moe.viz import (plot_forgetting, plot_game_expert_usage,  # noqa: E402
                          plot_game_over_stages, plot_retention, sequential_results_widget,
@@ -280,7 +280,29 @@ def test_tensorboard_files_hold_cleanrls_tags_and_the_store_figures(tmp_path, ba
         metrics["agent"].store.shutdown()
 
 
-def test_metrics_report_every_phase_and_belady_on_the_runs_own_trace(tmp_path):
+def test_the_cache_table_averages_traced_moe_runs_over_seeds_and_leaves_out_the_rest(tmp_path):
+    for name, kw in (("token-seed1", {"trace": True}), ("token-seed2", {"trace": True}),
+                     ("dense-seed1", {"baseline": "dense"}), ("env-seed1", {"routing": "env"})):
+        seed = int(name[-1])
+        metrics = train(tiny(out=str(tmp_path / name), seed=seed, **kw), progress=False)
+        if metrics["agent"].store is not None:
+            metrics["agent"].store.shutdown()
+    runs = load_results(tmp_path)
+    table = cache_table(runs)
+    assert list(table) == ["token"]                  # untraced and storeless runs left out
+    row, one, two = table["token"], runs["token-seed1"], runs["token-seed2"]
+    assert row["seeds"] == [1, 2]
+    for key, get in (("belady_bytes_per_update", lambda m: m["belady"]["bytes_per_update"]),
+                     ("lru_bytes_per_update", lambda m: m["lru"]["bytes_per_update"]),
+                     ("cache_update_hit_rate",
+                      lambda m: m["cache"]["phases"]["update"]["hbm_hit_rate"]),
+                     ("nmi", lambda m: np.mean(m["mutual_information"]))):
+        assert row[key] == pytest.approx((get(one) + get(two)) / 2), key
+    text = format_cache_table(table)
+    assert len(text.splitlines()) == 3 and text.splitlines()[2].startswith("| token | 1,2 |")
+
+
+def test_metrics_report_every_phase_and_belady_and_lru_on_the_runs_own_trace(tmp_path):
     metrics = train(tiny(out=str(tmp_path), trace=True), progress=False)
     store = metrics["agent"].store
     cache, belady = metrics["cache"]["phases"], metrics["belady"]["phases"]
@@ -290,6 +312,7 @@ def test_metrics_report_every_phase_and_belady_on_the_runs_own_trace(tmp_path):
     for phase in ("rollout", "update", "optimizer", "eval"):
         assert cache[phase]["accesses"] == totals[phase]["accesses"] > 0, phase
         assert belady[phase]["accesses"] == cache[phase]["accesses"], phase  # same accesses
+        assert metrics["lru"]["phases"][phase]["accesses"] == cache[phase]["accesses"], phase
         for key in ("hbm_hit_rate", "prefetch_precision", "prefetch_coverage"):
             assert 0 <= cache[phase][key] <= 1 and 0 <= belady[phase][key] <= 1
     assert cache["rollout"]["stall_seconds"] > 0
@@ -300,6 +323,7 @@ def test_metrics_report_every_phase_and_belady_on_the_runs_own_trace(tmp_path):
     assert "store/rollout_hit_rate" in metrics["history"][-1]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["belady"] == metrics["belady"]              # floats survive JSON exactly
+    assert saved["lru"] == metrics["lru"]
     store.shutdown()
 
 

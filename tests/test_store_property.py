@@ -20,7 +20,18 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("flush")),
     st.tuples(st.just("reopen")),
     st.tuples(st.just("sync")),
+    # expect calls, then make the first of them (modifying every other one), as a layer does
+    st.tuples(st.just("expect"), st.lists(ids, min_size=1, max_size=4), st.integers(0, 4)),
 ), min_size=1, max_size=40)
+
+
+def _expanded(ops):
+    """``ops`` with each ``("expect", calls, k)`` followed by the first ``k`` of its calls."""
+    for op in ops:
+        yield op[:2] if op[0] == "expect" else op
+        if op[0] == "expect":
+            for i, call in enumerate(op[1][:op[2]]):
+                yield ("modify", call, i + 1) if i % 2 else ("get", call)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -35,7 +46,7 @@ def test_store_matches_dict_and_reference_lru(tmp_path_factory, backend, ops, hb
     values = {e: torch.from_numpy(row.copy()) for e, row in enumerate(read_file_records(path))}
     lru = ListLRU(hbm, dram)
     try:
-        for op in ops:
+        for op in _expanded(ops):
             kind = op[0]
             if kind in ("get", "modify"):
                 request = op[1][:hbm]
@@ -52,6 +63,10 @@ def test_store_matches_dict_and_reference_lru(tmp_path_factory, backend, ops, hb
             elif kind == "prefetch":
                 store.prefetch(op[1], tier=op[2])
                 lru.prefetch(op[1], op[2])
+            elif kind == "expect":    # evictions by the known future (a layer's waves)
+                calls = [call[:hbm] for call in op[1]]
+                store.expect(calls)
+                lru.expect(calls)
             elif kind == "flush":
                 store.flush()
                 assert np.array_equal(read_file_records(path),

@@ -42,7 +42,8 @@ ids = st.lists(st.integers(0, N - 1), min_size=1, max_size=4)
 calls = st.lists(st.one_of(
     st.tuples(st.just("get"), ids), st.tuples(st.just("train"), ids),
     st.tuples(st.just("prefetch"), ids, st.sampled_from(["hbm", "dram"])),
-    st.tuples(st.just("flush"))), min_size=1, max_size=30)
+    st.tuples(st.just("flush")),
+    st.tuples(st.just("expect"), st.lists(ids, min_size=1, max_size=3))), min_size=1, max_size=30)
 phases = st.lists(st.sampled_from(PHASES), min_size=30, max_size=30)
 
 
@@ -61,6 +62,10 @@ def test_simulator_reproduces_the_store_exactly(calls, hbm, extra, phases):
                         store.mark_dirty(call[1][:hbm])
                 elif call[0] == "prefetch":
                     store.prefetch(call[1], tier=call[2])
+                elif call[0] == "expect":      # then the calls themselves, as a layer does
+                    store.expect([c[:hbm] for c in call[1]])
+                    for c in call[1][:2]:
+                        store.get_experts(c[:hbm])
                 else:
                     store.flush()
         store.synchronize()
@@ -110,6 +115,61 @@ def test_simulator_reproduces_a_real_moe_training_run(tmp_path):
         result = assert_reproduces(store, trace)
     assert result.prefetches_issued > 0 and result.bytes_moved["dram_to_file"] > 0
     assert len(trace.layers) == 6 and all(len(step) == 2 for step in trace.layers)
+
+
+def _future_dropped(events) -> int:
+    """How many times a ``get`` of ``events`` did not match the next expected call."""
+    future, dropped = [], 0
+    for kind, ids, _ in events:
+        if kind == "expect":
+            future.insert(0, set(ids))
+        elif kind == "get" and future:
+            if future.pop(0) != set(ids):
+                future, dropped = [], dropped + 1
+    return dropped
+
+
+def test_layers_expect_exactly_the_fetches_to_come_and_that_saves_copies():
+    """Two layers sharing a store too small for a step: every expectation a layer (and the
+    optimizer) gives comes true in order, and the known future saves copies over plain LRU
+    on the same trace, staying within Belady's."""
+    trace = RoutingTrace()
+    with TieredExpertStore(8, 8, 16, 3, 8, "cpu", optimizer_state=True) as store:
+        store.trace = trace
+        torch.manual_seed(0)
+        layers = [TieredMoELayer(8, 16, store, top_k=2, dropout=0.0) for _ in range(2)]
+        opt = ExpertOptimizer(store)
+        for step in range(20):
+            trace.begin_step(game=0)
+            h = torch.randn(4, 8)
+            for layer in layers:
+                h, aux = layer(h)
+            (h.square().mean() + aux).backward()
+            opt.step()
+        assert_reproduces(store, trace)
+    assert sum(kind == "expect" for kind, _, _ in trace.events) > 40
+    assert _future_dropped(trace.events) == 0
+    copies = {name: simulate(trace, 3, 8, policy, hints=hints).moves["dram_to_hbm"]
+              for name, policy, hints in (("hinted", "lru", True), ("lru", "lru", False),
+                                          ("belady", "belady", True))}
+    assert copies["belady"] <= copies["hinted"] < copies["lru"], copies
+
+
+def test_a_known_future_keeps_the_expert_needed_next():
+    """By hand: HBM holds 2. After 0 then 1, LRU would evict 0 for 2; told that 0 comes
+    right after 2, the store evicts 1 instead, and 0 is a hit. A call that was not expected
+    drops the future: LRU again."""
+    for expect, then, evicted in (([[2], [0]], [2], 1), ([[2], [0]], [3], 0)):
+        with TieredExpertStore(4, 2, 3, 2, 4, "cpu") as store:
+            store.get_experts([0])
+            store.get_experts([1])
+            store.expect(expect)
+            store.get_experts(then)
+            assert store.where(evicted) == "dram"
+            assert {store.where(e) for e in {0, 1} - {evicted}} == {"hbm"}
+    with TieredExpertStore(4, 2, 3, 2, 4, "cpu") as store:
+        with pytest.raises(ValueError, match="expert id"):
+            store.expect([[0], [9]])
 
 
 @settings(max_examples=200, deadline=None)

@@ -10,6 +10,13 @@ gradient into its own record, which travels through the tiers with it. When ever
 the batch fits in HBM there is one wave and nothing is fetched twice. After adding to a record's
 gradient the backward also notes its squared norm (``expert_grad_sq_norms``), so the global
 gradient norm can be clipped without another pass over the experts.
+
+The layer tells the store its waves before fetching them (``TieredExpertStore.expect``): those
+of this forward and, when training, those the backward will fetch again. The layers of a
+model run backward in reverse, so each layer's expectation goes ahead of the ones before it
+and the store's known future is the exact order of the remaining fetches once the last layer
+has run its forward. Evictions then keep the experts needed soonest (Belady within that
+horizon), which plain LRU gets wrong in backward: it evicts the wave needed next.
 """
 
 from __future__ import annotations
@@ -146,6 +153,12 @@ def expert_mixture(x: Tensor, indices: Tensor, weights: Tensor, store: TieredExp
                          "or run the layer under torch.no_grad()")
     dispatch = Dispatch.from_indices(indices)
     waves = plan_waves(store, list(dispatch.slices), prefetch)
+    # the store's known future: these waves, then (if training) backward's waves in reverse,
+    # ahead of what earlier layers expect, so evictions keep what is needed soonest
+    future = waves + (waves[::-1] if torch.is_grad_enabled() and (
+        x.requires_grad or weights.requires_grad) else [])
+    if len(future) > 1:
+        store.expect(future)
     return _StreamedExperts.apply(x, weights, dispatch, store, waves, prefetch), waves
 
 

@@ -59,6 +59,8 @@ class ExpertOptimizer:
         pending = sorted(self.store.experts_with_grad)
         b1, b2, scale = *self.betas, self.grad_scale
         waves = plan_waves(self.store, pending, self.prefetch)
+        if len(waves) > 1:
+            self.store.expect(waves)    # evictions keep the waves still to come
         for i, wave in enumerate(waves):
             experts = self.store.get_experts(wave)
             if self.prefetch and i + 1 < len(waves):

@@ -11,8 +11,9 @@ an expert absent from both tiers is (cleanly) in the file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
-__all__ = ["TierMap"]
+__all__ = ["TierMap", "farthest_next_use"]
 
 
 @dataclass
@@ -75,3 +76,16 @@ class TierMap:
             assert {e: s for s, e in enumerate(tier) if e is not None} == of
         assert set(self.hbm_of) <= set(self.dram_of), "inclusive: HBM experts have DRAM slots"
         assert self.hbm_dirty <= set(self.hbm_of) and self.dram_dirty <= set(self.dram_of)
+
+
+def farthest_next_use(candidates: list[int], future: Sequence[frozenset]) -> int | None:
+    """The candidate whose next use in ``future`` (the next calls' expert sets, soonest
+    first) is farthest, one never used first; ties go to the earliest candidate (pass them
+    least recently used first). None if there is no candidate."""
+    if not candidates:
+        return None
+    next_use = dict.fromkeys(candidates, len(future))
+    for i in range(len(future) - 1, -1, -1):        # the earliest use wins
+        for v in future[i] & next_use.keys():
+            next_use[v] = i
+    return max(candidates, key=next_use.__getitem__)

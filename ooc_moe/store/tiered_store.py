@@ -8,6 +8,12 @@ DRAM slot, so ``dram_capacity >= hbm_capacity`` is required. Each tier evicts it
 recently used expert that may leave it (not in use, and for DRAM not in HBM); dirty copies are
 written down on eviction, clean ones just lose their slot.
 
+A caller that knows its next ``get_experts`` calls says so with ``expect`` (a MoE layer does,
+for its waves and for the backward pass that will fetch them again). While such a *known
+future* is pending, each tier evicts instead the expert whose next use in it is farthest,
+an expert not in it first (Belady's rule within the known horizon; ties and the experts
+beyond it by LRU). A call that does not match the next expected one drops the future.
+
 ``get_experts`` returns views of HBM slots; ``prefetch`` plans the same moves and hands them to
 a background worker (see ``transfer.py``), returning at once. Which expert goes where is
 decided at call time under one lock, so the counters are a deterministic function of the calls.
@@ -23,7 +29,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -32,7 +38,7 @@ import torch
 
 from .file_tier import ExpertFile, FileMeta, dtype_name
 from .layout import Expert, RecordLayout
-from .residency import TierMap
+from .residency import TierMap, farthest_next_use
 from .stats import PHASES, PhaseTally, StoreStats
 from .transfer import Move, TransferEngine, flush_moves, make_copies
 
@@ -195,6 +201,7 @@ class TieredExpertStore:
         self._pins: Counter[int] = Counter()
         self._in_use: tuple[int, ...] = ()        # last get_experts result, kept resident
         self._prefetched = {"hbm": set(), "dram": set()}  # prefetched, not yet accessed
+        self._future: deque[frozenset[int]] = deque()   # the next get_experts calls (expect)
         self._lock = threading.RLock()
         self._closed = False
         self.stats = StoreStats(bytes_moved=self._engine.bytes_moved)
@@ -224,6 +231,7 @@ class TieredExpertStore:
                     "waves), unpin some, or raise hbm_capacity")
             if self.trace is not None:
                 self.trace.store_call("get", ids)
+            self._follow_future(ids)
             self._leave_use()
             moves: list[Move] = []
             for e in ids:
@@ -270,6 +278,19 @@ class TieredExpertStore:
                 self._engine.submit(moves, background=True)
                 accepted.append(e)
             return accepted
+
+    def expect(self, calls: Iterable[Iterable[int]]) -> None:
+        """Declare that the next ``get_experts`` calls will ask for ``calls``, in this order,
+        before any calls expected earlier. Until then evictions keep the experts needed
+        soonest (the module docstring); a call that does not match drops the expectation.
+        Changes only which copies are made, never what ``get_experts`` returns."""
+        future = [self._check_ids(call) for call in calls]
+        with self._lock:
+            self._check_usable()
+            for call in reversed(future):
+                if self.trace is not None:
+                    self.trace.store_call("expect", call)
+                self._future.appendleft(frozenset(call))
 
     def mark_dirty(self, expert_ids: Iterable[int]) -> None:
         """Declare that the HBM copies of these experts were changed in place."""
@@ -466,7 +487,7 @@ class TieredExpertStore:
         if len(plan.hbm_of) < self.hbm_capacity:
             h = plan.hbm.index(None)
         else:
-            victim = next((v for v in self._hbm_lru if v not in protected), None)
+            victim = self._victim(self._hbm_lru, lambda v: v not in protected)
             if victim is None:
                 return None
             h = plan.hbm_of[victim]
@@ -491,7 +512,7 @@ class TieredExpertStore:
         if len(plan.dram_of) < self.dram_capacity:
             d = plan.dram.index(None)
         else:
-            victim = next((v for v in self._dram_lru if v not in plan.hbm_of), None)
+            victim = self._victim(self._dram_lru, lambda v: v not in plan.hbm_of)
             if victim is None:
                 return None
             d = plan.dram_of[victim]
@@ -504,6 +525,23 @@ class TieredExpertStore:
             move.apply(plan)
         self._dram_lru[e] = None
         return moves
+
+    def _victim(self, lru: OrderedDict, evictable) -> int | None:
+        """The expert of ``lru`` (a tier's residents, least recently used first) to evict:
+        the least recently used evictable one, or with a known future, the one used farthest
+        ahead in it (never, first)."""
+        if not self._future:
+            return next((v for v in lru if evictable(v)), None)
+        return farthest_next_use([v for v in lru if evictable(v)], self._future)
+
+    def _follow_future(self, ids: tuple[int, ...]) -> None:
+        """A ``get_experts(ids)`` call consumes the expected call it matches, or drops the
+        known future if it matches none (it was wrong, or the caller changed course)."""
+        if self._future:
+            if self._future[0] == frozenset(ids):
+                self._future.popleft()
+            else:
+                self._future.clear()
 
     def _evicted(self, e: int, tier: str) -> None:
         (self._hbm_lru if tier == "hbm" else self._dram_lru).pop(e)

@@ -29,7 +29,7 @@ from .run import TrainArgs, train
 
 __all__ = ["RUN_KINDS", "run_experiment", "summarize", "format_summary", "format_verdict",
            "load_results", "paired_changes", "half_width_95", "early_learning",
-           "learning_table", "format_learning_table"]
+           "learning_table", "format_learning_table", "cache_table", "format_cache_table"]
 
 RUN_KINDS = {"token": {"baseline": "moe", "routing": "token"},
              "env": {"baseline": "moe", "routing": "env"},
@@ -378,4 +378,61 @@ def format_learning_table(table: Mapping[str, dict], at: int) -> str:
         cells = [f"{e[k]:.2f} [{e[k + '_min']:.2f}, {e[k + '_max']:.2f}]"
                  for k in ("explained_variance", "entropy", "return")]
         lines.append(f"| {kind} | {','.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CACHE_PHASES = ("rollout", "update", "optimizer")
+
+
+def cache_table(runs: Mapping[str, dict]) -> dict[str, dict]:
+    """Per kind of traced MoE run (the name before ``-seed``), means over its seeds of what
+    routing buys the cache and what it costs: experts per game per layer and the game-expert
+    NMI (the evaluation's routing), the HBM hit rate per phase of the store and of Belady's
+    policy on the same trace, prefetch precision and coverage (store, rollout), bytes moved
+    per update by the store, plain LRU and Belady, stall seconds, SPS and the final score.
+    Runs without a trace (no ``belady``) are left out."""
+    by_kind: dict[str, list] = {}
+    for name, m in sorted(runs.items()):
+        if "belady" in m:
+            by_kind.setdefault(name.rsplit("-seed", 1)[0], []).append(m)
+    table = {}
+    for kind, rows in by_kind.items():
+        def mean(get) -> float:
+            return float(np.mean([get(m) for m in rows]))
+        entry = {"seeds": [m["args"]["seed"] for m in rows], "command": rows[0]["command"],
+                 "experts_per_game": np.mean([m["experts_per_game"] for m in rows], 0).tolist(),
+                 "nmi": mean(lambda m: np.mean(m["mutual_information"])),
+                 "sps": mean(lambda m: m["sps"]),
+                 "score": mean(lambda m: m["average_final_score"]),
+                 "stall_seconds": mean(lambda m: sum(
+                     p["stall_seconds"] for p in m["cache"]["phases"].values()))}
+        for source in ("cache", "belady"):
+            for phase in CACHE_PHASES:
+                entry[f"{source}_{phase}_hit_rate"] = mean(
+                    lambda m: m[source]["phases"][phase]["hbm_hit_rate"])
+        for key in ("prefetch_precision", "prefetch_coverage"):
+            entry[key] = mean(lambda m: m["cache"]["phases"]["rollout"][key])
+        for source in ("cache", "lru", "belady"):
+            entry[f"{source}_bytes_per_update"] = mean(lambda m: m[source]["bytes_per_update"])
+        table[kind] = entry
+    return table
+
+
+def format_cache_table(table: Mapping[str, dict]) -> str:
+    """``cache_table`` as a markdown table; hit rates as store / Belady per phase, bytes per
+    update in MiB as store / plain LRU / Belady."""
+    lines = ["| run | seeds | experts per game (per layer) | NMI | HBM hit rate, store / "
+             "Belady: rollout; update; optimizer | prefetch precision / coverage (rollout) "
+             "| MiB per update: store / LRU / Belady | stall s | SPS | final score |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, e in table.items():
+        hits = "; ".join(f"{e[f'cache_{p}_hit_rate']:.1%} / {e[f'belady_{p}_hit_rate']:.1%}"
+                         for p in CACHE_PHASES)
+        moved = " / ".join(f"{e[f'{s}_bytes_per_update'] / 2**20:,.0f}"
+                           for s in ("cache", "lru", "belady"))
+        lines.append(
+            f"| {kind} | {','.join(map(str, e['seeds']))} | "
+            f"{', '.join(f'{x:.1f}' for x in e['experts_per_game'])} | {e['nmi']:.2f} | {hits} | "
+            f"{e['prefetch_precision']:.1%} / {e['prefetch_coverage']:.1%} | {moved} | "
+            f"{e['stall_seconds']:.1f} | {e['sps']:.0f} | {e['score']:.1f} |")
     return "\n".join(lines)

@@ -15,7 +15,8 @@ between game and expert choice and the router entropy. ``metrics.json`` sums the
 ``prefetch_coverage``, ``stall_seconds``, bytes per link; the vocabulary of
 ``ooc_moe.store.stats``) and ``bytes_per_update`` (update and optimizer phases); with
 ``trace``, ``belady`` holds the same figures for Belady's policy replaying the run's own trace
-at its own capacities (the part of the run since it last started, after a resume).
+at its own capacities (the part of the run since it last started, after a resume), and
+``lru`` for plain LRU, the store without the known future its layers give it.
 With ``out``: ``metrics.json``
 (rewritten after every update), TensorBoard event files with CleanRL's tags
 (``charts/episodic_return``, ``charts/SPS``, ``losses/*``, ...; ``store/*``, ``routing/*`` and
@@ -207,9 +208,10 @@ def _cache_summary(by_phase: dict, updates: int) -> dict:
             "bytes_per_update": moved / updates if updates else None}
 
 
-def _belady(trace: RoutingTrace, store: TieredExpertStore, updates: int) -> dict:
-    """Belady's policy replaying ``trace`` at the store's capacities (``_cache_summary``)."""
-    result = simulate(trace, store.hbm_capacity, store.dram_capacity, "belady",
+def _replay(trace: RoutingTrace, store: TieredExpertStore, updates: int,
+            policy: str, hints: bool = True) -> dict:
+    """``policy`` replaying ``trace`` at the store's capacities (``_cache_summary``)."""
+    result = simulate(trace, store.hbm_capacity, store.dram_capacity, policy, hints=hints,
                       record_bytes=store.record_bytes)
     summary = _cache_summary(result.by_phase, updates)
     for figures in summary["phases"].values():
@@ -247,7 +249,7 @@ class _Run:
         self.evaluations: list[list[dict]] = []       # the same, with returns and routing
         self.seconds = 0.0
         self.eval_counters: dict = {}     # store counters of every evaluation, by phase
-        self.belady: dict | None = None   # at the end of a traced run: ``_belady``
+        self.replays: dict = {}           # at the end of a traced run: belady, lru
         self.updates_traced = 0           # updates since the trace started
         if saved is not None:
             self._restore(saved)
@@ -453,7 +455,9 @@ def train(args: TrainArgs, progress: bool = True, *, resume: bool = False,
             run.checkpoint(started)
             write()
         if trace is not None:
-            run.belady = _belady(trace, agent.store, run.updates_traced)
+            run.replays = {"belady": _replay(trace, agent.store, run.updates_traced, "belady"),
+                           "lru": _replay(trace, agent.store, run.updates_traced, "lru",
+                                          hints=False)}
     finally:
         if agent.store is not None:
             agent.store.trace = None
@@ -520,8 +524,7 @@ def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> 
             _add_counters(by_phase, h.get("store/phases", {}))
         metrics["cache"] = _cache_summary(_add_counters(by_phase, run.eval_counters),
                                           len(history))
-    if run.belady is not None:
-        metrics["belady"] = run.belady
+    metrics.update(run.replays)
     if run.planner is not None:
         metrics["planner"] = run.planner.summary()
     metrics["history"] = history
