@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from ooc_moe.scores import forgetting
-from ooc_moe.train import format_summary, learning_table, load_results, summarize
+from ooc_moe.train import (cache_table, format_cache_table, format_summary, learning_table,
+                           load_results, summarize)
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 EXPERIMENTS = sorted(p.parent for p in RESULTS.glob("*/summary.json"))
@@ -102,3 +103,13 @@ def test_the_synthetic_preset_is_what_readme_states_and_made_its_results():
             assert args[key] == preset[key], (name, key)
         kind = name.rsplit("-seed", 1)[0]
         assert all(args[k] == v for k, v in RUN_KINDS[kind].items()), name
+
+
+def test_the_routing_table_in_readme_is_what_the_runs_give():
+    """README's table of ``results/routing`` is ``format_cache_table`` of the committed runs,
+    every one of them traced."""
+    runs = load_results(RESULTS / "routing")
+    assert runs and all("belady" in m and "lru" in m for m in runs.values())
+    table = format_cache_table(cache_table(runs))
+    assert table in (RESULTS.parent / "README.md").read_text(), \
+        "README's routing table differs from the runs: paste format_cache_table's output"
