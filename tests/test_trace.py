@@ -95,24 +95,31 @@ def test_phases_split_the_counters_and_restore_the_previous_phase():
         assert store.stats_by_phase() == {}
 
 
-def test_simulator_reproduces_a_real_moe_training_run(tmp_path):
-    """Waves, backward re-gathering, prefetches and optimizer updates of two shared layers."""
+def two_layer_training(num_experts: int, hbm: int, dram: int, steps: int, tokens: int,
+                       steps_per_game: int) -> tuple[RoutingTrace, object]:
+    """Two layers sharing one store, trained on random tokens and flushed; returns the trace
+    and its replay, checked against the store's own counters."""
     trace = RoutingTrace()
-    with TieredExpertStore(12, 8, 16, 3, 6, "cpu", optimizer_state=True) as store:
+    with TieredExpertStore(num_experts, 8, 16, hbm, dram, "cpu", optimizer_state=True) as store:
         store.trace = trace
         torch.manual_seed(0)
         layers = [TieredMoELayer(8, 16, store, top_k=2, dropout=0.0) for _ in range(2)]
         opt = ExpertOptimizer(store)
-        for step in range(6):
-            trace.begin_step(game=step // 3)
-            h = torch.randn(32, 8)
+        for step in range(steps):
+            trace.begin_step(game=step // steps_per_game)
+            h = torch.randn(tokens, 8)
             for layer in layers:
                 h, aux = layer(h)
                 trace.record_layer(layer.last_routing.expert_indices.unique().tolist())
             (h.square().mean() + aux).backward()
             opt.step()
         store.flush()
-        result = assert_reproduces(store, trace)
+        return trace, assert_reproduces(store, trace)
+
+
+def test_simulator_reproduces_a_real_moe_training_run():
+    """Waves, backward re-gathering, prefetches and optimizer updates of two shared layers."""
+    trace, result = two_layer_training(12, 3, 6, steps=6, tokens=32, steps_per_game=3)
     assert result.prefetches_issued > 0 and result.bytes_moved["dram_to_file"] > 0
     assert len(trace.layers) == 6 and all(len(step) == 2 for step in trace.layers)
 
@@ -133,20 +140,7 @@ def test_layers_expect_exactly_the_fetches_to_come_and_that_saves_copies():
     """Two layers sharing a store too small for a step: every expectation a layer (and the
     optimizer) gives comes true in order, and the known future saves copies over plain LRU
     on the same trace, staying within Belady's."""
-    trace = RoutingTrace()
-    with TieredExpertStore(8, 8, 16, 3, 8, "cpu", optimizer_state=True) as store:
-        store.trace = trace
-        torch.manual_seed(0)
-        layers = [TieredMoELayer(8, 16, store, top_k=2, dropout=0.0) for _ in range(2)]
-        opt = ExpertOptimizer(store)
-        for step in range(20):
-            trace.begin_step(game=0)
-            h = torch.randn(4, 8)
-            for layer in layers:
-                h, aux = layer(h)
-            (h.square().mean() + aux).backward()
-            opt.step()
-        assert_reproduces(store, trace)
+    trace, _ = two_layer_training(8, 3, 8, steps=20, tokens=4, steps_per_game=20)
     assert sum(kind == "expect" for kind, _, _ in trace.events) > 40
     assert _future_dropped(trace.events) == 0
     copies = {name: simulate(trace, 3, 8, policy, hints=hints).moves["dram_to_hbm"]
