@@ -21,14 +21,14 @@ when no slot may be freed; DRAM never evicts an expert that is in HBM.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from .store.residency import farthest_next_use
+from .store.residency import KnownFuture
 from .store.stats import LINKS, PHASES, PhaseTally, StoreStats
 
 __all__ = ["RoutingTrace", "LinkBandwidths", "SimResult", "simulate", "POLICIES"]
@@ -167,11 +167,10 @@ class _Tier:
         if self.policy == "lfu":
             self.count[e] = self.count.get(e, 0) + 1
 
-    def victim(self, evictable, future: deque) -> int | None:
+    def victim(self, evictable, future: KnownFuture) -> int | None:
         candidates = (e for e in self.order if evictable(e))
         if self.policy == "lru":   # the store's policy: LRU, or the known future's farthest
-            return farthest_next_use(list(candidates), future) if future \
-                else next(candidates, None)
+            return future.victim(list(candidates)) if future else next(candidates, None)
         pool = list(candidates)
         if not pool:
             return None
@@ -243,7 +242,7 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
 
     hbm, dram = _Tier(hbm_capacity, policy, next_use), _Tier(dram_capacity, policy, next_use)
     hbm_dirty, dram_dirty, prefetched = set(), set(), {"hbm": set(), "dram": set()}
-    future: deque = deque()            # the store's known future (expect), soonest first
+    future = KnownFuture()             # the store's (expect), soonest first
     in_use: tuple = ()
     moves = r.moves
     step_hits = step_accesses = 0
@@ -302,11 +301,7 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
                 r.hit_rate_per_step.append(step_hits / step_accesses)
             current_step, step_hits, step_accesses = step, 0, 0
         if kind == "get":
-            if future:                 # the store's _follow_future
-                if future[0] == frozenset(ids):
-                    future.popleft()
-                else:
-                    future.clear()
+            future.follow(ids)
             protected = set(ids)
             in_use = ()
             for e in ids:  # the hot loop: keep it lean
@@ -334,8 +329,8 @@ def simulate(trace: RoutingTrace | Sequence[Sequence[int]], hbm_capacity: int,
         elif kind == "dirty":
             hbm_dirty.update(ids)
         elif kind == "expect":
-            if hints:
-                future.appendleft(frozenset(ids))
+            if hints:                  # the store records one event per call, last first
+                future.expect([ids])
         elif kind == "phase":
             settle()
             phases.switch(r, PHASES[ids[0]])

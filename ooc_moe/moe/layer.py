@@ -146,8 +146,8 @@ def expert_mixture(x: Tensor, indices: Tensor, weights: Tensor, store: TieredExp
         raise ValueError(f"inputs are {x.dtype} on {x.device} but the experts are "
                          f"{store.dtype} on {store.device}: move the module (or the store) so "
                          "that they match")
-    if torch.is_grad_enabled() and not store.layout.optimizer_state and (
-            x.requires_grad or weights.requires_grad):
+    training = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
+    if training and not store.layout.optimizer_state:
         raise ValueError("this store's records have no gradient accumulator: create it with "
                          "TieredExpertStore(..., optimizer_state=True) to train its experts, "
                          "or run the layer under torch.no_grad()")
@@ -155,8 +155,7 @@ def expert_mixture(x: Tensor, indices: Tensor, weights: Tensor, store: TieredExp
     waves = plan_waves(store, list(dispatch.slices), prefetch)
     # the store's known future: these waves, then (if training) backward's waves in reverse,
     # ahead of what earlier layers expect, so evictions keep what is needed soonest
-    future = waves + (waves[::-1] if torch.is_grad_enabled() and (
-        x.requires_grad or weights.requires_grad) else [])
+    future = waves + (waves[::-1] if training else [])
     if len(future) > 1:
         store.expect(future)
     return _StreamedExperts.apply(x, weights, dispatch, store, waves, prefetch), waves

@@ -10,10 +10,11 @@ an expert absent from both tiers is (cleanly) in the file.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable
 
-__all__ = ["TierMap", "farthest_next_use"]
+__all__ = ["TierMap", "KnownFuture"]
 
 
 @dataclass
@@ -78,14 +79,38 @@ class TierMap:
         assert self.hbm_dirty <= set(self.hbm_of) and self.dram_dirty <= set(self.dram_of)
 
 
-def farthest_next_use(candidates: list[int], future: Sequence[frozenset]) -> int | None:
-    """The candidate whose next use in ``future`` (the next calls' expert sets, soonest
-    first) is farthest, one never used first; ties go to the earliest candidate (pass them
-    least recently used first). None if there is no candidate."""
-    if not candidates:
-        return None
-    next_use = dict.fromkeys(candidates, len(future))
-    for i in range(len(future) - 1, -1, -1):        # the earliest use wins
-        for v in future[i] & next_use.keys():
-            next_use[v] = i
-    return max(candidates, key=next_use.__getitem__)
+class KnownFuture:
+    """The ``get_experts`` calls a caller declared to come next (``TieredExpertStore.expect``),
+    soonest first; the store and the trace simulator keep one each. Falsy when empty."""
+
+    def __init__(self) -> None:
+        self._calls: deque[frozenset[int]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def expect(self, calls: Iterable[Iterable[int]]) -> None:
+        """``calls`` come next, in this order, before any calls expected earlier."""
+        for call in reversed(list(calls)):
+            self._calls.appendleft(frozenset(call))
+
+    def follow(self, ids: Iterable[int]) -> None:
+        """A ``get_experts(ids)`` call consumes the expected call it matches, or drops the
+        whole future if it matches none (it was wrong, or the caller changed course)."""
+        if self._calls:
+            if self._calls[0] == frozenset(ids):
+                self._calls.popleft()
+            else:
+                self._calls.clear()
+
+    def victim(self, candidates: list[int]) -> int | None:
+        """The candidate whose next use is farthest, one never used first; ties go to the
+        earliest candidate (pass them least recently used first). None if there is none."""
+        if not candidates:
+            return None
+        future = self._calls
+        next_use = dict.fromkeys(candidates, len(future))
+        for i in range(len(future) - 1, -1, -1):        # the earliest use wins
+            for v in future[i] & next_use.keys():
+                next_use[v] = i
+        return max(candidates, key=next_use.__getitem__)

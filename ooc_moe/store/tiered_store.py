@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -38,7 +38,7 @@ import torch
 
 from .file_tier import ExpertFile, FileMeta, dtype_name
 from .layout import Expert, RecordLayout
-from .residency import TierMap, farthest_next_use
+from .residency import KnownFuture, TierMap
 from .stats import PHASES, PhaseTally, StoreStats
 from .transfer import Move, TransferEngine, flush_moves, make_copies
 
@@ -201,7 +201,7 @@ class TieredExpertStore:
         self._pins: Counter[int] = Counter()
         self._in_use: tuple[int, ...] = ()        # last get_experts result, kept resident
         self._prefetched = {"hbm": set(), "dram": set()}  # prefetched, not yet accessed
-        self._future: deque[frozenset[int]] = deque()   # the next get_experts calls (expect)
+        self._future = KnownFuture()               # the next get_experts calls (expect)
         self._lock = threading.RLock()
         self._closed = False
         self.stats = StoreStats(bytes_moved=self._engine.bytes_moved)
@@ -231,7 +231,7 @@ class TieredExpertStore:
                     "waves), unpin some, or raise hbm_capacity")
             if self.trace is not None:
                 self.trace.store_call("get", ids)
-            self._follow_future(ids)
+            self._future.follow(ids)
             self._leave_use()
             moves: list[Move] = []
             for e in ids:
@@ -287,10 +287,10 @@ class TieredExpertStore:
         future = [self._check_ids(call) for call in calls]
         with self._lock:
             self._check_usable()
-            for call in reversed(future):
-                if self.trace is not None:
+            if self.trace is not None:       # one event per call, replayed the same way
+                for call in reversed(future):
                     self.trace.store_call("expect", call)
-                self._future.appendleft(frozenset(call))
+            self._future.expect(future)
 
     def mark_dirty(self, expert_ids: Iterable[int]) -> None:
         """Declare that the HBM copies of these experts were changed in place."""
@@ -532,16 +532,7 @@ class TieredExpertStore:
         ahead in it (never, first)."""
         if not self._future:
             return next((v for v in lru if evictable(v)), None)
-        return farthest_next_use([v for v in lru if evictable(v)], self._future)
-
-    def _follow_future(self, ids: tuple[int, ...]) -> None:
-        """A ``get_experts(ids)`` call consumes the expected call it matches, or drops the
-        known future if it matches none (it was wrong, or the caller changed course)."""
-        if self._future:
-            if self._future[0] == frozenset(ids):
-                self._future.popleft()
-            else:
-                self._future.clear()
+        return self._future.victim([v for v in lru if evictable(v)])
 
     def _evicted(self, e: int, tier: str) -> None:
         (self._hbm_lru if tier == "hbm" else self._dram_lru).pop(e)

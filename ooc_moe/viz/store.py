@@ -69,7 +69,8 @@ def _plot_hit_rate_over_time(ax: Axes, records: list[dict], boundaries: list[int
     ax.plot(smoothed, color=TIER_COLOURS["hbm"], label=f"HBM hit rate ({window}-step mean)")
     ax.plot([r["cumulative_hit_rate"] for r in records], color="black", linewidth=1,
             label="cumulative")
-    ax.axhline(CLAIMED_HIT_RATE, color="grey", linestyle="--", label=f"prototype's claim: {CLAIMED_HIT_RATE:.0%}")
+    ax.axhline(CLAIMED_HIT_RATE, color="grey", linestyle="--",
+               label=f"prototype's claim: {CLAIMED_HIT_RATE:.0%}")
     for i, start in enumerate(boundaries):
         ax.axvline(start, color="#e76f51", linestyle=":", linewidth=1)
         ax.text(start + 2, 0.9, f"game {i + 1}", color="#e76f51", fontsize=8)
