@@ -21,7 +21,8 @@ so that widgets redraw at once).
 ``train``: environment steps per second of PPO training (rollout + update) for the cnn, dense
 and MoE agents at the CLI demo's sizes, in one process on one torch thread, one iteration of
 each in turn so that the machine's load falls on all alike; the ratios MoE/dense (goal
->= 0.8) and dense/cnn (goal >= 1.0).
+>= 0.8) and dense/cnn (goal >= 1.0), and cnn/env against the environment stepped alone (random
+actions), the share of the ceiling the plainest agent reaches.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -513,6 +515,24 @@ class TrainBenchConfig:
         return cls(game="synthetic-0", iterations=2, num_envs=4, num_steps=32, **kw)
 
 
+def _env_sps(cfg: TrainBenchConfig, steps: int) -> dict:
+    """Steps per second of the environment alone (random actions, the same envs as training):
+    the ceiling no agent's SPS can pass."""
+    from .train.run import make_env
+
+    env = make_env(cfg.game, cfg.num_envs, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    try:
+        env.reset(seed=cfg.seed)
+        started = time.perf_counter()
+        for _ in range(max(steps // cfg.num_envs, 1)):
+            env.step(rng.integers(0, env.single_action_space.n, cfg.num_envs))
+        seconds = time.perf_counter() - started
+    finally:
+        env.close()
+    return {"sps": max(steps // cfg.num_envs, 1) * cfg.num_envs / seconds, "seconds": seconds}
+
+
 def bench_train(cfg: TrainBenchConfig) -> dict:
     """SPS of each agent trained side by side (one iteration of each in turn, the order
     rotating every round), from its median iteration time (a burst of load from elsewhere
@@ -530,7 +550,8 @@ def bench_train(cfg: TrainBenchConfig) -> dict:
     print(f"bench train: {cfg.game}, {cfg.num_envs} envs x {cfg.num_steps} steps, "
           f"{cfg.iterations} timed iterations per agent after {cfg.warmup} warm-up, "
           f"interleaved, {cfg.threads} torch thread(s)")
-    runs, results = {}, {}
+    runs, results, env_alone = {}, {}, _env_sps(cfg, steps)
+    print(f"  env    SPS {env_alone['sps']:7.1f}  (the environment alone, random actions)")
     try:
         for kind in cfg.agents:
             args = TrainArgs(games=(cfg.game,), steps_per_game=steps, baseline=kind,
@@ -568,10 +589,11 @@ def bench_train(cfg: TrainBenchConfig) -> dict:
             run["env"].close()
             if run["trainer"].agent.store is not None:
                 run["trainer"].agent.store.shutdown()
-    ratios = {f"{a}/{b}": results[a]["sps"] / results[b]["sps"]
-              for a, b in (("moe", "dense"), ("dense", "cnn")) if a in results and b in results}
-    goals = {"moe/dense": 0.8, "dense/cnn": 1.0}
+    sps = {"env": env_alone["sps"], **{kind: r["sps"] for kind, r in results.items()}}
+    ratios = {f"{a}/{b}": sps[a] / sps[b] for a, b in (("moe", "dense"), ("dense", "cnn"),
+                                                       ("cnn", "env")) if a in sps and b in sps}
+    goals = {"moe/dense": " (goal >= 0.8)", "dense/cnn": " (goal >= 1.0)", "cnn/env": ""}
     if ratios:
-        print("  ratios: " + "  ".join(f"{name} {r:.2f} (goal >= {goals[name]})"
+        print("  ratios: " + "  ".join(f"{name} {r:.3g}{goals[name]}"
                                        for name, r in ratios.items()))
-    return {"config": asdict(cfg), "agents": results, "ratios": ratios}
+    return {"config": asdict(cfg), "env": env_alone, "agents": results, "ratios": ratios}

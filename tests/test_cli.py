@@ -195,6 +195,9 @@ def test_bench_train_quick_reports_sps_and_ratios(tmp_path):
     assert figures["ratios"]["moe/dense"] == pytest.approx(
         figures["agents"]["moe"]["sps"] / figures["agents"]["dense"]["sps"])
     assert 0 <= figures["agents"]["moe"]["hit_rate"] <= 1
+    assert "env    SPS" in result.stdout and "cnn/env" in result.stdout
+    assert figures["ratios"]["cnn/env"] == pytest.approx(         # training cannot outrun
+        figures["agents"]["cnn"]["sps"] / figures["env"]["sps"])  # the env it steps
 
 
 def parse(*argv: str) -> dict:
