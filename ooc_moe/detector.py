@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -458,9 +459,11 @@ def evaluate_game_accuracy(detector: EnvironmentDetector, obs, game_ids,
 # -- prefetching -----------------------------------------------------------------------------
 @dataclass
 class PlanRecord:
-    """One step of a ``PrefetchPlanner``: what it asked for and, once observed, what was used."""
-    planned: list[int]                  # ids passed to store.prefetch, likeliest first
-    dropped: int                        # of those, requests the store dropped (no free slot)
+    """One step of a ``PrefetchPlanner``: what it predicted and, once observed, what was used."""
+    planned: list[int]                  # the predicted experts, likeliest first
+    dropped: int                        # prefetch requests the store dropped (no free slot)
+    switch: bool = False                # the step's (leading) game differs from the last plan's
+    games: list[int] = field(default_factory=list)  # the games the step is routed with
     used: list[int] | None = None       # experts the step really used (set by observe)
 
     @property
@@ -477,39 +480,64 @@ class _Totals:
     dropped: int = 0        # store drops over every plan
     unobserved: int = 0     # plans replaced before observe() was called
 
+    def add(self, planned: Sequence[int], used: Sequence[int]) -> None:
+        self.steps += 1
+        self.planned += len(planned)
+        self.used += len(used)
+        self.hits += len(set(planned) & set(used))
+
+    def figures(self) -> dict[str, float]:
+        return {"precision": _ratio(self.hits, self.planned),
+                "coverage": _ratio(self.hits, self.used)}
+
 
 class PrefetchPlanner:
     """Predicts the next step's experts and prefetches them before the step computes.
 
     Call ``plan(obs)`` as soon as a step's observations are known, before the forward pass
-    that routes them, and ``observe(used_ids)`` after it. ``plan`` scores the experts of
-    ``store`` with the detector, keeps those with probability ``>= min_prob``, at most
-    ``top_k`` of them (None = no limit) and never more than ``store.prefetch_slots`` (the HBM
-    slots neither pinned nor holding the last ``get_experts`` result; for ``tier="dram"``:
-    ``store.dram_capacity``), and passes them, likeliest first, to ``store.prefetch(ids,
-    tier)``, which returns at once with the ids it accepted; ``PlanRecord.dropped`` counts the
-    others (rare). ``observe`` then scores the plan against the experts the step used:
+    that routes them, and ``observe(used_ids)`` after it.
 
-    - precision = planned experts that were used / planned experts,
-    - coverage  = used experts that had been planned / used experts,
+    **The prediction.** Without cohorts: the experts of ``store`` the detector scores with
+    probability ``>= min_prob``, likeliest first. ``cohorts`` (a ``CohortTable``, for
+    ``cohort`` routing): a game may only use its cohort, so the plan follows the game: for each
+    game of the step (the one of most observations first), the experts of its cohort it used
+    in its last ``switch_window`` observed steps, most used first, or its whole cohort (all
+    layers) while it has none. ``top_k`` (None = no limit) caps the prediction.
+
+    **The copies.** The step's (leading) game is the routing's when the caller passes
+    ``games``, else the detector's (among ``seen_games()``, a boolean mask such as
+    ``DetectorTrainer.seen_games``, when given). While it stays the same, the experts the
+    last step used are kept: a prefetch never evicts them (they are the likeliest to be used again, and a
+    wrong prediction must not cost the step its experts). At a *game switch* they are not
+    kept: the new game's experts go into the slots the old game frees. Predicted experts not
+    yet in HBM are copied, likeliest first, into the slots neither pinned, in use, kept nor
+    holding a predicted expert (``store.room_for_prefetch``); those already there are touched.
+    For ``tier="dram"`` the prediction is copied into DRAM, at most ``store.dram_capacity``.
+    ``PlanRecord.dropped`` counts requests the store still dropped (rare).
+
+    **The grades.** ``observe`` scores the prediction against the experts the step used:
+
+    - precision = predicted experts that were used / predicted experts,
+    - coverage  = used experts that had been predicted / used experts,
 
     per step (returned) and as running totals (``precision``, ``coverage``, ``summary()``).
-    These grade the *prediction*; the store's ``prefetches_*`` counters grade the transfers
-    (an expert already in HBM is planned, and counted here, but costs no copy).
+    At a game switch, where a prefetch matters most, one step's routing is a small sample of
+    what the new game will use, so the switch's prediction is graded against the experts used
+    over ``switch_window`` steps from the switch (fewer if the game switches again):
+    ``summary()["switch_precision"]``, ``["switch_coverage"]``, ``["switches"]``, the
+    switches graded. These grade the *prediction*; the store's ``prefetches_*`` counters grade the transfers (an expert
+    already in HBM is predicted, and counted here, but costs no copy).
 
     ``layer``: the MoE layer whose experts ``store`` holds, when each layer has its own store
     (one planner per layer). None: every layer draws from this one store, and an expert's
     score is ``1 - prod_l(1 - p_l)``, the chance that some layer uses it.
-
-    ``cohorts`` (a ``CohortTable``, for ``cohort`` routing): the experts a game may use are
-    known, so the plan follows the game instead of the expert head: the cohorts (all layers)
-    of the games the detector sees in ``obs``, those not yet in HBM first. At a game switch
-    this brings the new game's experts in, into the slots the old game frees.
     """
 
     def __init__(self, store, detector: EnvironmentDetector, top_k: int | None = None, *,
                  min_prob: float = 0.5, layer: int | None = None, tier: str = "hbm",
-                 reduce: str = "mean", keep_history: bool = True, cohorts=None) -> None:
+                 reduce: str = "mean", keep_history: bool = True, cohorts=None,
+                 seen_games: Callable[[], Tensor] | None = None,
+                 switch_window: int = 4) -> None:
         if store.num_experts != detector.num_experts:
             raise ValueError(f"the store holds {store.num_experts} experts but the detector "
                              f"predicts {detector.num_experts} per layer")
@@ -521,56 +549,86 @@ class PrefetchPlanner:
             raise ValueError(f"min_prob must lie in [0, 1], got {min_prob}")
         if tier not in ("hbm", "dram"):
             raise ValueError(f"tier must be 'hbm' or 'dram', got {tier!r}")
+        _check_int("switch_window", switch_window, 1)
         _aggregate(torch.zeros(1, 1), reduce)                             # validates reduce
         self.store, self.detector = store, detector
         self.top_k, self.min_prob, self.layer = top_k, min_prob, layer
         self.tier, self.reduce, self.keep_history = tier, reduce, keep_history
-        self.cohorts = cohorts
+        self.cohorts, self.seen_games, self.switch_window = cohorts, seen_games, switch_window
         self.history: list[PlanRecord] = []
         self._pending: PlanRecord | None = None
-        self._totals = _Totals()
+        self._totals, self._switch_totals = _Totals(), _Totals()
+        self._last_game: int | None = None
+        self._last_used: list[int] = []
+        self._window: tuple[list[int], set[int], int] | None = None  # a switch being graded
+        self._recent: dict[int, deque] = {}     # per game, its cohort experts used per step
 
     def scores(self, obs) -> Tensor:
         """The probability ``[num_experts]`` that the next step uses each of the store's
         experts."""
-        probs = self.detector.expert_scores(obs, self.reduce)            # [L, E]
+        with torch.no_grad():
+            return self._scores(self.detector(obs)[1])
+
+    def _scores(self, expert_logits: Tensor) -> Tensor:
+        probs = _aggregate(torch.sigmoid(expert_logits), self.reduce)    # [L, E]
         if self.layer is not None:
             return probs[self.layer]
         return 1.0 - (1.0 - probs).prod(0)
 
-    def cohort_ids(self, obs, games: Tensor | None = None) -> list[int]:
-        """The experts of the cohorts of ``games`` (default: the games the detector sees in
-        ``obs``), the game of most observations first; within it, experts not yet in HBM
-        first."""
-        if games is None:
-            with torch.no_grad():
-                games = self.detector(obs)[0].argmax(-1)
-        counts = torch.bincount(games.cpu())
+    def _cohort(self, game: int) -> list[int]:
+        return list(dict.fromkeys(self.cohorts.lookup(torch.tensor([game])).reshape(-1).tolist()))
+
+    def _cohort_ids(self, games: Tensor) -> list[int]:
+        """Per game of ``games`` (the one of most entries first), its recent experts or its
+        cohort."""
+        counts = torch.bincount(games)
         ids: list[int] = []
         for game in counts.argsort(descending=True, stable=True)[:int((counts > 0).sum())].tolist():
-            experts = self.cohorts.lookup(torch.tensor([game]))[:, 0].reshape(-1).tolist()
-            ids += [e for e in dict.fromkeys(experts) if e not in ids]
-        return sorted(ids, key=lambda e: self.store.where(e) == "hbm")
+            recent = Counter(e for step in self._recent.get(game, ()) for e in step)
+            experts = [e for e, _ in recent.most_common()] or self._cohort(game)
+            ids += [e for e in experts if e not in ids]
+        return ids
 
     def plan(self, obs, games: Tensor | None = None) -> list[int]:
-        """Prefetch the experts predicted for ``obs``'s step; returns the ids asked for.
-        ``games``: with ``cohorts``, the games the step is routed with, when already known
-        (saves a forward of the detector)."""
-        budget = (self.store.prefetch_slots if self.tier == "hbm"
-                  else self.store.dram_capacity)
-        if self.top_k is not None:
-            budget = min(budget, self.top_k)
+        """Predict the experts of ``obs``'s step and prefetch those not yet in the tier;
+        returns the ids passed to ``store.prefetch`` (predicted and kept experts already
+        there, then the copies). ``games``: the games the step is routed with, when known
+        (with ``cohorts`` this saves a forward of the detector)."""
+        expert_logits = None
+        if games is None or self.cohorts is None:
+            with torch.no_grad():
+                game_logits, expert_logits = self.detector(obs)
+            if games is None:
+                if self.seen_games is not None:        # it cannot name a game never shown
+                    game_logits = game_logits.masked_fill(
+                        ~self.seen_games().to(game_logits.device), -math.inf)
+                games = game_logits.argmax(-1)
+        games = games.reshape(-1).cpu()
         if self.cohorts is not None:
-            ids = self.cohort_ids(obs, games)[:max(budget, 0)]
+            ids = self._cohort_ids(games)
         else:
-            scores = self.scores(obs).cpu()
+            scores = self._scores(expert_logits).cpu()
             order = torch.argsort(scores, descending=True, stable=True)
-            ids = [int(e) for e in order[:max(budget, 0)] if scores[e] >= self.min_prob]
-        dropped = len(ids) - len(self.store.prefetch(ids, tier=self.tier)) if ids else 0
+            ids = [int(e) for e in order if scores[e] >= self.min_prob]
+        ids = ids[:self.top_k]
+        lead = int(torch.bincount(games).argmax())
+        switch, self._last_game = self._last_game is not None and lead != self._last_game, lead
+        asked = self._prefetch(ids, [] if switch else self._last_used)
+        dropped = len(asked) - len(self.store.prefetch(asked, tier=self.tier)) if asked else 0
         if self._pending is not None:                  # the last plan was never observed
             self._record(self._pending)
-        self._pending = PlanRecord(ids, dropped)
-        return ids
+        self._pending = PlanRecord(ids, dropped, switch, games.unique().tolist())
+        return asked
+
+    def _prefetch(self, ids: list[int], keep: list[int]) -> list[int]:
+        """The ids of the prefetch call: the predicted and kept experts already in HBM (so
+        that nothing evicts them), then as many predicted ones as the other slots hold."""
+        if self.tier == "dram":
+            return ids[:self.store.dram_capacity]
+        where = {e: self.store.where(e) for e in dict.fromkeys(ids + keep)}
+        resident = [e for e in where if where[e] == "hbm"]
+        room = self.store.room_for_prefetch(resident)
+        return resident + [e for e in ids if where[e] != "hbm"][:max(room, 0)]
 
     def observe(self, used_ids) -> dict[str, float]:
         """Score the last plan against ``used_ids`` (ids, a tensor such as
@@ -583,45 +641,65 @@ class PrefetchPlanner:
             raise ValueError(f"used expert ids must lie in 0..{self.store.num_experts - 1}, "
                              f"got {used}")
         record, self._pending = self._pending, None
-        record.used = used
+        record.used = self._last_used = used
         self._record(record)
+        if self.cohorts is not None:
+            for game in record.games:
+                cohort = set(self._cohort(game))
+                self._recent.setdefault(game, deque(maxlen=self.switch_window)).append(
+                    [e for e in used if e in cohort])
+        if record.switch:
+            self._close_window()
+            self._window = (record.planned, set(), self.switch_window)
+        if self._window is not None:
+            planned, seen, left = self._window
+            self._window = (planned, seen | set(used), left - 1)
+            if left == 1:
+                self._close_window()
         return {"precision": _ratio(record.hits, len(record.planned)),
                 "coverage": _ratio(record.hits, len(record.used))}
 
     def _record(self, record: PlanRecord) -> None:
-        t = self._totals
-        t.dropped += record.dropped
+        self._totals.dropped += record.dropped
         if record.used is None:       # an unobserved plan cannot be scored
-            t.unobserved += 1
+            self._totals.unobserved += 1
         else:
-            t.steps += 1
-            t.planned += len(record.planned)
-            t.used += len(record.used)
-            t.hits += record.hits
+            self._totals.add(record.planned, record.used)
         if self.keep_history:
             self.history.append(record)
 
     @property
     def precision(self) -> float:
         """Planned experts that were then used / planned experts, over observed steps."""
-        return _ratio(self._totals.hits, self._totals.planned)
+        return self._totals.figures()["precision"]
 
     @property
     def coverage(self) -> float:
         """Used experts that had been planned / used experts, over observed steps."""
-        return _ratio(self._totals.hits, self._totals.used)
+        return self._totals.figures()["coverage"]
 
     def summary(self) -> dict[str, float]:
-        t = self._totals
+        """Running totals, precision and coverage over every observed step, and at game
+        switches over their windows (``switches``, ``switch_precision``, ``switch_coverage``)."""
+        t, s = self._totals, replace(self._switch_totals)
+        if self._window is not None:                         # a switch still being graded
+            s.add(*self._window[:2])
         return {"steps": t.steps, "planned": t.planned, "used": t.used, "hits": t.hits,
-                "dropped": t.dropped, "unobserved": t.unobserved, "precision": self.precision,
-                "coverage": self.coverage}
+                "dropped": t.dropped, "unobserved": t.unobserved, **t.figures(),
+                "switches": s.steps, **{f"switch_{k}": v for k, v in s.figures().items()}}
 
     def reset(self) -> None:
-        """Forget the history and the running totals."""
+        """Forget the history, the running totals and the last step's experts."""
         self.history.clear()
         self._pending = None
-        self._totals = _Totals()
+        self._totals, self._switch_totals = _Totals(), _Totals()
+        self._last_game, self._last_used, self._window = None, [], None
+        self._recent.clear()
+
+    def _close_window(self) -> None:
+        if self._window is not None:
+            self._switch_totals.add(*self._window[:2])
+            self._window = None
 
 
 def _ratio(num: int, den: int) -> float:

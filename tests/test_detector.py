@@ -212,39 +212,30 @@ def store(tmp_path):
         yield s
 
 
-def spy_on_prefetch(store):
-    calls = []
-    real = store.prefetch
-
-    def prefetch(ids, tier="hbm"):
-        calls.append((list(ids), store.prefetch_slots))
-        return real(ids, tier)
-    store.prefetch = prefetch
-    return calls
-
-
-def test_planner_precision_and_coverage(store):
-    planner = PrefetchPlanner(store, fixed_detector([PROBS]))
-    calls = spy_on_prefetch(store)
+def test_planner_grades_its_prediction_and_copies_what_fits(store):
+    planner = PrefetchPlanner(store, fixed_detector([PROBS]))      # predicts 0..4 (p >= 0.5)
     store.pin([7])                                   # 3 of the 4 HBM slots stay free
-    assert planner.plan(OBS) == [0, 1, 2]            # the likeliest that fit
+    assert planner.plan(OBS) == [0, 1, 2]            # the likeliest that fit are copied
     store.synchronize()
     assert [store.where(e) for e in (0, 1, 2)] == ["hbm"] * 3
-    step = planner.observe([0, 3, 7])
-    assert step == {"precision": 1 / 3, "coverage": 1 / 3}
+    assert planner.history == [] and planner._pending.planned == [0, 1, 2, 3, 4]
+    assert planner.observe([0, 3, 7]) == {"precision": 2 / 5, "coverage": 2 / 3}
     store.unpin([7])
-    # 7, unpinned but still the store's last get_experts result, keeps its slot: 3 are free
-    assert store.prefetch_slots == 3
-    assert planner.plan(OBS) == [0, 1, 2]
+    # 7, unpinned, is still the store's last get_experts result: 3 slots are free; but the
+    # game is the same, so the last step's experts in HBM (0, 7) are kept and 3 finds none
+    assert store.prefetch_slots == 3 and store.room_for_prefetch([0, 1, 2, 7]) == 0
+    assert planner.plan(OBS) == [0, 1, 2, 7]
+    assert store.where(3) != "hbm" and store.where(7) == "hbm"
     store.get_experts([1, 2, 3, 5])
     step = planner.observe(torch.tensor([[1, 2], [3, 5]]))  # an expert_indices tensor
-    assert step == {"precision": 2 / 3, "coverage": 2 / 4}
-    assert planner.precision == 3 / 6 and planner.coverage == 3 / 7
+    assert step == {"precision": 3 / 5, "coverage": 3 / 4}
+    assert planner.precision == 5 / 10 and planner.coverage == 5 / 7
     summary = planner.summary()
-    assert (summary["steps"], summary["planned"], summary["used"], summary["hits"]) == (2, 6, 7, 3)
-    assert [r.hits for r in planner.history] == [1, 2]
-    assert all(len(ids) <= slots for ids, slots in calls)
-    assert summary["dropped"] == 0
+    assert (summary["steps"], summary["planned"], summary["used"], summary["hits"]) == (
+        2, 10, 7, 5)
+    assert [r.hits for r in planner.history] == [2, 3]
+    assert summary["dropped"] == 0 and summary["switches"] == 0
+    assert math.isnan(summary["switch_precision"])
     assert store.get_stats_summary()["prefetch_hits"] == 2                # 1 and 2 waited
     planner.reset()
     assert planner.summary()["steps"] == 0 and math.isnan(planner.precision)
@@ -252,16 +243,49 @@ def test_planner_precision_and_coverage(store):
 
 @pytest.mark.parametrize("pinned", [0, 1, 2, 3])
 @pytest.mark.parametrize("top_k, min_prob", [(None, 0.0), (2, 0.0), (8, 0.5), (None, 0.75)])
-def test_planner_never_asks_for_more_than_the_free_slots(store, pinned, top_k, min_prob):
+def test_planner_never_copies_more_than_the_free_slots(store, pinned, top_k, min_prob):
     planner = PrefetchPlanner(store, fixed_detector([PROBS]), top_k, min_prob=min_prob)
-    calls = spy_on_prefetch(store)
     if pinned:
         store.pin(list(range(8 - pinned, 8)))
-    ids = planner.plan(OBS)
-    expected = [e for e, p in enumerate(PROBS) if p >= min_prob][:min(4 - pinned, top_k or 8)]
-    assert ids == expected
-    assert all(len(asked) <= slots for asked, slots in calls)
-    assert planner.summary()["dropped"] == 0
+    predicted = [e for e, p in enumerate(PROBS) if p >= min_prob][:top_k or 8]
+    resident = [e for e in predicted if e >= 8 - pinned]          # pinned: touched, not copied
+    copied = [e for e in predicted if e not in resident][:4 - pinned]
+    assert planner.plan(OBS) == resident + copied
+    assert planner._pending.planned == predicted
+    stats = store.get_stats_summary()
+    assert stats["prefetches_issued"] == len(copied)
+    assert planner.summary()["dropped"] == stats["prefetches_dropped"] == 0
+
+
+def test_a_wrong_prediction_never_evicts_the_last_steps_experts_until_the_game_switches(store):
+    """The detector predicts 0..4 but the step uses 5 and 6: while the game stays, the next
+    plans keep 5 and 6 in HBM (the collapse of an untrained prediction onto the step's own
+    experts cost a run most of its hits); at a switch the new game's prediction may take
+    their slots."""
+    planner = PrefetchPlanner(store, fixed_detector([PROBS]))
+    same, other = torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    for _ in range(3):
+        planner.plan(OBS, same)
+        store.synchronize()
+        store.get_experts([5, 6])
+        planner.observe([5, 6])
+        store.get_experts([0])                     # another layer: 5 and 6 not "in use"
+        assert store.where(5) == store.where(6) == "hbm"
+    # a switch: 0 (in use) and 3 are there, 1 and 2 go where the old game's 5 and 6 were
+    assert planner.plan(OBS, other) == [0, 3, 1, 2]
+    store.synchronize()
+    assert {store.where(5), store.where(6)} != {"hbm"}
+    planner.observe([0, 1])
+    summary = planner.summary()            # a switch is graded over the steps after it
+    assert summary["switches"] == 1
+    assert (summary["switch_precision"], summary["switch_coverage"]) == (2 / 5, 1.0)
+    for used in ([2], [7], [3], [4]):      # the window is 4 steps: [4] falls outside it
+        planner.plan(OBS, other)
+        planner.observe(used)
+    summary = planner.summary()
+    assert summary["switches"] == 1
+    assert (summary["switch_precision"], summary["switch_coverage"]) == (4 / 5, 4 / 5)
+    assert (summary["precision"], summary["coverage"]) == (5 / 40, 5 / 12)  # per step
 
 
 def test_planner_over_layers_sharing_one_store(store):
@@ -273,8 +297,9 @@ def test_planner_over_layers_sharing_one_store(store):
 
 
 def test_a_cohort_planner_follows_the_game_the_detector_sees(store):
-    """Cohort routing: the plan is the seen game's cohort (every layer), missing experts
-    first, within the free slots; a game switch brings the new game's cohort in."""
+    """Cohort routing: the plan is the seen game's cohort (every layer) until it has been
+    played, then what it used of late; copies go into the free slots; a game switch brings the
+    new game's cohort in."""
     det = make_detector(num_envs=2, num_experts=8, num_layers=2)
     cohorts = CohortTable(2, 2, 2, 8)               # 2 games x 2 layers x 2 experts
     planner = PrefetchPlanner(store, det, cohorts=cohorts)
@@ -291,8 +316,11 @@ def test_a_cohort_planner_follows_the_game_the_detector_sees(store):
     sees(0)
     assert sorted(planner.plan(OBS)) == [4, 5]           # game 0's cohort, as far as it fits
     store.get_experts([4, 5])
-    assert planner.plan(OBS)[:2] == [6, 7]               # still game 0: the rest of it first
-    assert planner.observe([6, 7]) == {"precision": 1.0, "coverage": 1.0}
+    assert planner.plan(OBS) == [4, 5, 6, 7]             # still game 0: 4, 5 kept, the rest
+    assert planner.observe([6, 7]) == {"precision": 0.5, "coverage": 1.0}
+    assert planner.plan(OBS) == [6, 7]                   # what game 0 used of late
+    assert [r.switch for r in planner.history] == [False, True, False]       # 1 -> 0
+    assert planner.summary()["switches"] == 0            # the switch's step was not observed
 
 
 def test_planner_bad_use(store):

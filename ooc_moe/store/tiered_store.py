@@ -389,8 +389,16 @@ class TieredExpertStore:
     def prefetch_slots(self) -> int:
         """HBM slots a prefetch may fill now: neither pinned nor holding the experts of the
         last ``get_experts`` call."""
+        return self.room_for_prefetch()
+
+    def room_for_prefetch(self, keep: Iterable[int] = ()) -> int:
+        """HBM slots a prefetch may fill without evicting pinned experts, the last
+        ``get_experts`` result or the experts of ``keep`` that are in HBM (pass them in the
+        same ``prefetch`` call, which then protects them)."""
+        keep = self._check_ids(keep)
         with self._lock:
-            return self.hbm_capacity - len(set(self._pins) | set(self._in_use))
+            kept = {e for e in keep if e in self._plan.hbm_of}
+            return self.hbm_capacity - len(set(self._pins) | set(self._in_use) | kept)
 
     def where(self, expert_id: int) -> str:
         """The fastest tier the expert is in, or being copied to: "hbm", "dram" or "file"."""

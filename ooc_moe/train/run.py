@@ -167,7 +167,8 @@ def build_trainer(args: TrainArgs, agent) -> PPOTrainer:
         detector_trainer = DetectorTrainer(detector, seed=args.seed)
         if args.detector:
             planner = PrefetchPlanner(agent.store, detector, keep_history=False,
-                                      cohorts=agent.cohorts)   # cohort routing: follow the game
+                                      cohorts=agent.cohorts,   # cohort routing: follow the game
+                                      seen_games=detector_trainer.seen_games)
     return PPOTrainer(agent, args.ppo, planner=planner, detector_trainer=detector_trainer)
 
 
