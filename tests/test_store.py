@@ -361,3 +361,13 @@ def test_prefetch_returns_what_it_accepted_and_prefetch_slots_counts_free_slots(
     assert store.prefetch_slots == 1                       # 2 slots, expert 0 in use
     assert store.prefetch([0, 1, 2]) == [0, 1]             # 0 resident, 1 fits, 2 dropped
     assert store.stats.prefetches_dropped == 1
+
+
+def test_init_ids_give_a_shard_the_experts_of_the_whole_pool(tmp_path):
+    with TieredExpertStore(6, 4, 8, 2, 6, "cpu", seed=4) as pool, \
+            TieredExpertStore(3, 4, 8, 1, 3, "cpu", seed=4, init_ids=[1, 3, 5]) as shard:
+        for i, e in enumerate([1, 3, 5]):
+            assert torch.equal(shard.read_expert(i)["w1"], pool.read_expert(e)["w1"])
+    for bad in ([0, 0, 1], [0, 1], [-1, 0, 1]):
+        with pytest.raises(ValueError, match="init_ids must be 3 distinct ids"):
+            TieredExpertStore(3, 4, 8, 1, 3, "cpu", init_ids=bad)

@@ -184,7 +184,7 @@ class TieredMoELayer(nn.Module):
                              f"{input_dim} -> {hidden_dim}")
         self.expert_store = expert_store
         self.input_dim, self.hidden_dim, self.top_k = input_dim, hidden_dim, top_k
-        self.router = ExpertRouter(input_dim, expert_store.num_experts, top_k, noise_std,
+        self.router = ExpertRouter(input_dim, self.routed_experts(), top_k, noise_std,
                                    balance=balance, balance_horizon=balance_horizon,
                                    balance_rate=balance_rate)
         self.layer_norm = nn.LayerNorm(input_dim)
@@ -213,12 +213,20 @@ class TieredMoELayer(nn.Module):
         else:
             routing = self.router(h, cohort)
         self.last_routing = routing
-        y, self.last_waves = expert_mixture(h, routing.expert_indices,
-                                            routing.expert_weights, self.expert_store,
-                                            self.prefetch)
+        y = self.mixture(h, routing)
         aux = (self.load_balance_coef * routing.load_balancing_loss
                + self.z_loss_coef * routing.z_loss)
         return (flat + self.dropout(y)).view_as(x), aux
+
+    def routed_experts(self) -> int:
+        """How many experts the router chooses from: the store's."""
+        return self.expert_store.num_experts
+
+    def mixture(self, h: Tensor, routing: RouterOutput) -> Tensor:
+        """The experts' weighted sum for each token of ``h [tokens, dim]``."""
+        y, self.last_waves = expert_mixture(h, routing.expert_indices, routing.expert_weights,
+                                            self.expert_store, self.prefetch)
+        return y
 
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, hidden_dim={self.hidden_dim}, top_k={self.top_k}, "

@@ -78,6 +78,9 @@ class TieredExpertStore:
         path: directory for ``experts.bin``/``experts.json``; None = a temporary directory,
             removed by ``shutdown()``. Point it at an NVMe disk for real out-of-core runs.
         dtype: record dtype. seed: initialisation seed (weights N(0, 0.02^2), biases 0).
+        init_ids: the ids the records are initialised as, in a pool of ``max(init_ids) + 1``
+            experts drawn from ``seed`` (default ``range(num_experts)``): a shard of a larger
+            pool (``ooc_moe.distributed``) starts with the same experts as the whole pool.
         optimizer_state: records also carry a gradient accumulator and Adam moments, so
             that ``ExpertOptimizer`` can train them (the record is 4x larger).
         overwrite: replace an expert file already in ``path`` (otherwise an error).
@@ -97,13 +100,16 @@ class TieredExpertStore:
                  device: str | torch.device | None = None, *, path: str | os.PathLike | None = None,
                  dtype: torch.dtype = torch.float32, seed: int = 0,
                  optimizer_state: bool = False, overwrite: bool = False,
-                 file_backend: str = "pread", stream: "torch.cuda.Stream | None" = None
-                 ) -> None:
+                 file_backend: str = "pread", stream: "torch.cuda.Stream | None" = None,
+                 init_ids: Iterable[int] | None = None) -> None:
         for name, value in (("num_experts", num_experts), ("expert_dim", expert_dim),
                             ("hidden_dim", hidden_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         _check_capacities(num_experts, hbm_capacity, dram_capacity)
+        init_ids = list(range(num_experts) if init_ids is None else init_ids)
+        if len(init_ids) != num_experts or len(set(init_ids)) != num_experts or min(init_ids) < 0:
+            raise ValueError(f"init_ids must be {num_experts} distinct ids >= 0, got {init_ids}")
         if optimizer_state and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"optimizer_state needs float32 or float64 records, not {dtype}: "
                              "Adam moments and step counts lose too much in low precision "
@@ -116,7 +122,7 @@ class TieredExpertStore:
         try:
             file = ExpertFile.create(tmpdir.name if tmpdir else path, meta,
                                      overwrite=overwrite, backend=file_backend)
-            _write_initial_records(file, layout, dtype, seed)
+            _write_initial_records(file, layout, dtype, seed, init_ids)
             self._setup(file, hbm_capacity, dram_capacity, device, tmpdir, stream)
         except BaseException:           # a bad backend, a full disk, a bad stream, ...
             if file is not None:
@@ -699,12 +705,16 @@ def _close(engine: TransferEngine, file: ExpertFile, tmpdir) -> None:
 
 
 def _write_initial_records(file: ExpertFile, layout: RecordLayout, dtype: torch.dtype,
-                           seed: int) -> None:
+                           seed: int, init_ids: list[int]) -> None:
+    """Draw the initial records of a pool of ``max(init_ids) + 1`` experts from ``seed``, in
+    order; record ``i`` of the file gets the pool's expert ``init_ids[i]``."""
     generator = torch.Generator().manual_seed(seed)
     row32 = torch.empty(layout.numel, dtype=torch.float32)
     row = row32 if dtype == torch.float32 else torch.empty(layout.numel, dtype=dtype)
-    for e in range(file.meta.num_experts):
+    local = {g: i for i, g in enumerate(init_ids)}
+    for g in range(max(init_ids) + 1):
         layout.init_row(row32, generator)
-        if row is not row32:
-            row.copy_(row32)
-        file.write_from(e, row)
+        if g in local:
+            if row is not row32:
+                row.copy_(row32)
+            file.write_from(local[g], row)

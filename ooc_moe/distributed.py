@@ -1,0 +1,129 @@
+"""Expert parallelism on ``torch.distributed``: the experts sharded over ranks, each rank with a
+tier store of its own.
+
+**What.** With ``W`` ranks (processes started by ``torchrun``, or spawned; gloo on CPUs, NCCL on
+GPUs), expert ``e`` of a layer's pool of ``E`` is owned by rank ``e % W``, where it is local
+expert ``e // W`` of that rank's ``TieredExpertStore`` (its own file, DRAM and HBM pools; its
+capacities are per rank). ``shard_store`` builds a rank's store; its records start as the
+experts a single store of ``E`` with the same seed would hold, so ``W`` changes where experts
+live, never what they are.
+
+**How a ``ShardedMoELayer`` computes.** Each rank routes its own tokens with its own copy of
+the router (dense parameters are replicated; ``DistributedDataParallel`` keeps them equal).
+Then, per layer:
+
+1. the ``tokens x top_k`` assignments are sorted by the rank that owns their expert;
+2. the ranks exchange how many rows each sends to each (``all_to_all_single`` of counts), then
+   the rows' local expert ids and the token vectors themselves
+   (``torch.distributed.nn.functional.all_to_all_single``, which autograd differentiates);
+3. each rank runs the experts it owns on the rows it received through its store, in waves,
+   exactly as ``TieredMoELayer`` does (``expert_mixture``);
+4. the outputs travel back by the reverse exchange and are weighted and summed per token.
+
+Backward runs the same exchanges in reverse: the gradients of the rows go to the owners, whose
+expert backward accumulates the weight gradients into their own records (``ExpertOptimizer``
+then steps each rank's experts), and the input gradients come home. Every rank must call the
+layer (and backward) the same number of times, as with any collective. With ``W = 1`` the
+exchanges are copies and the layer is ``TieredMoELayer``.
+
+Balancing losses and router statistics are each rank's own, over its own tokens (with DDP
+averaging the router's gradients, the Switch loss becomes the mean over ranks of per-rank
+losses).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import Tensor
+
+from .moe.layer import TieredMoELayer, expert_mixture
+from .moe.router import RouterOutput
+from .store import TieredExpertStore
+
+__all__ = ["shard_store", "owner_of", "ShardedMoELayer"]
+
+
+def owner_of(expert: int, world: int) -> tuple[int, int]:
+    """``(rank, local id)`` of global expert ``expert`` among ``world`` ranks."""
+    return expert % world, expert // world
+
+
+def _rank_and_world(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised: start the processes with "
+                           "torchrun (or init_process_group) before building sharded experts")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard_store(num_experts: int, expert_dim: int, hidden_dim: int, hbm_capacity: int,
+                dram_capacity: int, device=None, *, path: str | os.PathLike | None = None,
+                group=None, **store_kw) -> TieredExpertStore:
+    """This rank's store of a pool of ``num_experts`` sharded over the group's ranks: the
+    experts ``e`` with ``e % W == rank``, in the file ``path/rank-<rank>`` (a temporary one
+    without ``path``). ``hbm_capacity`` and ``dram_capacity`` are this rank's slots, at most
+    its ``num_experts / W`` experts. Other keywords go to ``TieredExpertStore``."""
+    rank, world = _rank_and_world(group)
+    if num_experts % world:
+        raise ValueError(f"num_experts={num_experts} does not divide over {world} ranks: each "
+                         f"rank owns the experts e with e % {world} == rank, so use a multiple "
+                         f"of {world}")
+    local = num_experts // world
+    for name, value in (("hbm_capacity", hbm_capacity), ("dram_capacity", dram_capacity)):
+        if value > local:
+            raise ValueError(f"{name}={value} is larger than a rank's shard ({num_experts} "
+                             f"experts over {world} ranks = {local}): capacities are per rank; "
+                             f"use at most {local}")
+    rank_path = None if path is None else os.path.join(path, f"rank-{rank}")
+    return TieredExpertStore(local, expert_dim, hidden_dim, hbm_capacity, dram_capacity,
+                             device, path=rank_path, init_ids=range(rank, num_experts, world),
+                             **store_kw)
+
+
+class ShardedMoELayer(TieredMoELayer):
+    """``TieredMoELayer`` whose ``W * store.num_experts`` experts are sharded over the ranks
+    of ``group`` (default: the world); ``expert_store`` is this rank's shard
+    (``shard_store``). The router chooses among all experts; ``last_waves`` are this rank's
+    waves over its local ids. Other arguments as ``TieredMoELayer``."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, expert_store: TieredExpertStore,
+                 top_k: int = 2, dropout: float = 0.1, *, group=None, **layer_kw) -> None:
+        self.group = group
+        self.rank, self.world = _rank_and_world(group)
+        super().__init__(input_dim, hidden_dim, expert_store, top_k, dropout, **layer_kw)
+
+    def routed_experts(self) -> int:
+        """Every rank's experts: ``W`` times the local store's."""
+        return self.expert_store.num_experts * self.world
+
+    def mixture(self, h: Tensor, routing: RouterOutput) -> Tensor:
+        """Send each assignment's token to the rank owning its expert, run the local experts
+        on what arrives, send the outputs back, and sum them weighted per token."""
+        top_k = routing.expert_indices.shape[1]
+        experts = routing.expert_indices.reshape(-1)                       # [A]
+        owner, local = experts % self.world, experts // self.world
+        order = torch.argsort(owner, stable=True)
+        token = torch.div(order, top_k, rounding_mode="floor")             # [A] in send order
+        send = torch.bincount(owner, minlength=self.world)
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.group)
+        send, received = send.tolist(), received.tolist()
+        local_ids = local.new_empty(sum(received))
+        dist.all_to_all_single(local_ids, local[order].contiguous(), received, send,
+                               group=self.group)
+        rows = dist_fn.all_to_all_single(h.new_empty(sum(received), h.shape[1]), h[token],
+                                         received, send, group=self.group)
+        out, self.last_waves = expert_mixture(rows, local_ids[:, None],
+                                              rows.new_ones(len(local_ids), 1),
+                                              self.expert_store, self.prefetch)
+        back = dist_fn.all_to_all_single(h.new_empty(len(order), h.shape[1]), out, send,
+                                         received, group=self.group)
+        weights = routing.expert_weights.reshape(-1)[order]
+        return torch.zeros_like(h).index_add(0, token, back * weights[:, None])
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", rank {self.rank} of {self.world} "
+                f"(experts e with e % {self.world} == {self.rank})")
