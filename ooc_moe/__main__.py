@@ -27,7 +27,8 @@ def _bench(args: argparse.Namespace) -> None:
     for name, config, run in (("store", bench.StoreBenchConfig, bench.bench_store),
                               ("layer", bench.LayerBenchConfig, bench.bench_layer),
                               ("sim", bench.SimBenchConfig, bench.bench_sim),
-                              ("train", bench.TrainBenchConfig, bench.bench_train)):
+                              ("train", bench.TrainBenchConfig, bench.bench_train),
+                              ("dist", bench.DistBenchConfig, bench.bench_dist)):
         if args.what in (name, "all"):
             make = config.quick if args.quick else config
             results[name] = run(make(device=args.device, directory=args.dir))
@@ -354,8 +355,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     formatter = _DefaultsFormatter
     b = sub.add_parser("bench", help="benchmarks, each a ratio against a same-run baseline",
                        formatter_class=formatter)
-    b.add_argument("what", choices=["store", "layer", "sim", "train", "all"],
-                   help="which benchmark (train: cnn, dense and MoE agents' SPS)")
+    b.add_argument("what", choices=["store", "layer", "sim", "train", "dist", "all"],
+                   help="which benchmark (train: cnn, dense and MoE agents' SPS; dist: the "
+                        "expert-parallel layer on 1 and 2 gloo ranks)")
     b.add_argument("--quick", action="store_true", help="small sizes (seconds, for CI)")
     b.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     b.add_argument("--dir", default=None, help="directory for the expert file (an NVMe disk)")

@@ -23,6 +23,10 @@ and MoE agents at the CLI demo's sizes, in one process on one torch thread, one 
 each in turn so that the machine's load falls on all alike; the ratios MoE/dense (goal
 >= 0.8) and dense/cnn (goal >= 1.0), and cnn/env against the environment stepped alone (random
 actions), the share of the ceiling the plainest agent reaches.
+
+``dist``: train steps of the expert-parallel layer (``ooc_moe.distributed``, gloo) on 1 rank and
+on 2, the same tokens per step: tokens/s, the share of a step spent exchanging rows, bytes per
+link, and the speed-up.
 """
 
 from __future__ import annotations
@@ -446,6 +450,119 @@ def bench_layer(cfg: LayerBenchConfig) -> dict:
               f"  to plain {run['ratio_to_plain']:.2f}  moved {moved:8.1f} MB/step  "
               f"hit rate {run['hit_rate']:.2f}")
     return {"device": name, "config": asdict(cfg), "plain_step_s": plain, "runs": runs}
+
+
+# -- the expert-parallel benchmark -----------------------------------------------------------
+@dataclass
+class DistBenchConfig:
+    world: int = 2                 # ranks of the sharded run (gloo; the 1-rank run beside it)
+    num_experts: int = 32
+    expert_dim: int = 256
+    hidden_dim: int = 1024
+    top_k: int = 2
+    tokens: int = 2048             # per step over all ranks (each rank routes tokens / world)
+    hbm_capacity: int = 8          # HBM slots over all ranks (each rank: hbm_capacity / world)
+    steps: int = 4                 # timed train steps (median reported), after one warm-up
+    device: str | None = None      # unused: gloo on CPU
+    directory: str | None = None   # where the ranks' expert files go (default: temp)
+
+    @classmethod
+    def quick(cls, **kw) -> "DistBenchConfig":
+        return cls(expert_dim=32, hidden_dim=128, tokens=256, steps=2, **kw)
+
+
+def _dist_rank(rank: int, world: int, cfg: DistBenchConfig, directory: str) -> None:
+    """One rank of ``bench_dist``: train steps of a ``ShardedMoELayer``; its figures saved as
+    ``directory/rank-<rank>.json``."""
+    import torch.distributed as dist
+
+    from .distributed import ShardedMoELayer, shard_store
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank,
+                            world_size=world)
+    try:
+        store = shard_store(cfg.num_experts, cfg.expert_dim, cfg.hidden_dim,
+                            cfg.hbm_capacity // world, cfg.num_experts // world, "cpu",
+                            path=os.path.join(directory, "experts"), overwrite=True,
+                            optimizer_state=True)
+        with store:
+            torch.manual_seed(0)                 # the same router on every rank
+            layer = ShardedMoELayer(cfg.expert_dim, cfg.hidden_dim, store, cfg.top_k,
+                                    dropout=0.0, noise_std=0.0)
+            torch.manual_seed(1 + rank)
+            x = torch.randn(cfg.tokens // world, cfg.expert_dim)
+            store.prefetch(range(store.num_experts), tier="dram")   # host memory holds all
+            store.synchronize()
+            opt = torch.optim.Adam(layer.parameters(), lr=1e-4)
+            expert_opt = ExpertOptimizer(store, lr=1e-4)
+            times, exchange = [], []
+            for step in range(cfg.steps + 1):
+                if step == 1:                    # the first step warms up, uncounted
+                    store.reset_stats()
+                dist.barrier()
+                started, layer.exchange_seconds = time.perf_counter(), 0.0
+                y, aux = layer(x)
+                opt.zero_grad(set_to_none=True)
+                (y.square().mean() + aux).backward()
+                for p in layer.parameters():     # what DistributedDataParallel does
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+                opt.step()
+                expert_opt.step()
+                if step:
+                    times.append(time.perf_counter() - started)
+                    exchange.append(layer.exchange_seconds)
+            s = store.get_stats_summary()
+            figures = {"step_s": times, "exchange_s": exchange,
+                       "bytes": {k: s[f"bytes_{k}"] for k in LINKS},
+                       "hit_rate": s["hit_rate"], "record_bytes": store.record_bytes}
+        with open(os.path.join(directory, f"rank-{rank}.json"), "w") as f:
+            json.dump(figures, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_dist(cfg: DistBenchConfig) -> dict:
+    """Train steps of the expert-parallel layer (``ooc_moe.distributed``) on 1 rank and on
+    ``world`` ranks (processes, gloo, one torch thread each), the same tokens per step in all:
+    tokens/s, the share of a step spent in the exchanges of rows, bytes per link per step
+    (all ranks), and the speed-up over one rank."""
+    import torch.multiprocessing as mp
+
+    if cfg.world < 2 or cfg.num_experts % cfg.world or cfg.hbm_capacity % cfg.world \
+            or cfg.tokens % cfg.world:
+        raise ValueError(f"world={cfg.world} must be >= 2 and divide num_experts, "
+                         f"hbm_capacity and tokens ({cfg.num_experts}, {cfg.hbm_capacity}, "
+                         f"{cfg.tokens})")
+    print(f"bench dist: {cfg.num_experts} experts of {cfg.expert_dim}x{cfg.hidden_dim}, "
+          f"{cfg.tokens} tokens per step over all ranks, top-{cfg.top_k}, {cfg.hbm_capacity} "
+          f"HBM slots over all ranks, gloo on {os.cpu_count()} CPU cores, 1 torch thread "
+          f"per rank, {cfg.steps} timed steps")
+    runs = {}
+    for world in (1, cfg.world):
+        with tempfile.TemporaryDirectory(prefix="ooc-moe-dist-", dir=cfg.directory) as d:
+            mp.spawn(_dist_rank, args=(world, cfg, d), nprocs=world, join=True)
+            ranks = []
+            for r in range(world):
+                with open(os.path.join(d, f"rank-{r}.json")) as f:
+                    ranks.append(json.load(f))
+        step = statistics.median(max(t) for t in zip(*(r["step_s"] for r in ranks)))
+        exchange = statistics.median(max(t) for t in zip(*(r["exchange_s"] for r in ranks)))
+        runs[world] = {"step_s": step, "tokens_per_s": cfg.tokens / step,
+                       "exchange_s": exchange, "exchange_share": exchange / step,
+                       "bytes_per_step": {k: sum(r["bytes"][k] for r in ranks) / cfg.steps
+                                          for k in LINKS},
+                       "hit_rate": statistics.mean(r["hit_rate"] for r in ranks)}
+    runs[cfg.world]["speedup"] = runs[cfg.world]["tokens_per_s"] / runs[1]["tokens_per_s"]
+    for world, run in runs.items():
+        moved = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in run["bytes_per_step"].items())
+        print(f"  {world} rank{'s' if world > 1 else ' '}: {run['step_s'] * 1e3:8.1f} ms/step "
+              f"{run['tokens_per_s']:9,.0f} tokens/s  exchanges {run['exchange_s'] * 1e3:6.1f} "
+              f"ms ({run['exchange_share']:.0%})  HBM hit rate {run['hit_rate']:.2f}  "
+              f"MB/step: {moved}")
+    print(f"  speed-up of {cfg.world} ranks over 1: {runs[cfg.world]['speedup']:.2f}")
+    return {"config": asdict(cfg), "runs": {str(w): r for w, r in runs.items()}}
 
 
 # -- the simulator benchmark --------------------------------------------------------------------

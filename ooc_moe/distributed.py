@@ -14,8 +14,8 @@ Then, per layer:
 
 1. the ``tokens x top_k`` assignments are sorted by the rank that owns their expert;
 2. the ranks exchange how many rows each sends to each (``all_to_all_single`` of counts), then
-   the rows' local expert ids and the token vectors themselves
-   (``torch.distributed.nn.functional.all_to_all_single``, which autograd differentiates);
+   the rows' local expert ids and the token vectors themselves (``all_to_all_single`` in an
+   autograd ``Function`` whose backward is the reverse exchange);
 3. each rank runs the experts it owns on the rows it received through its store, in waves,
    exactly as ``TieredMoELayer`` does (``expert_mixture``);
 4. the outputs travel back by the reverse exchange and are weighted and summed per token.
@@ -28,16 +28,17 @@ exchanges are copies and the layer is ``TieredMoELayer``.
 
 Balancing losses and router statistics are each rank's own, over its own tokens (with DDP
 averaging the router's gradients, the Switch loss becomes the mean over ranks of per-rank
-losses).
+losses). ``exchange_seconds`` adds up the time this rank spent in the exchanges of rows,
+forward and backward (waiting for slower ranks included): ``bench dist`` reports it apart.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
 from .moe.layer import TieredMoELayer, expert_mixture
@@ -83,6 +84,32 @@ def shard_store(num_experts: int, expert_dim: int, hidden_dim: int, hbm_capacity
                              **store_kw)
 
 
+def _all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+    out = x.new_empty(sum(out_splits), *x.shape[1:])
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _Exchange(torch.autograd.Function):
+    """Rows sent ``send[r]`` to rank r and ``received[r]`` from it; backward sends the
+    gradients back the same way. Both directions add their time to ``layer.exchange_seconds``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, send: list[int], received: list[int], layer) -> Tensor:
+        ctx.send, ctx.received, ctx.layer = send, received, layer
+        started = time.perf_counter()
+        out = _all_to_all(x, received, send, layer.group)
+        layer.exchange_seconds += time.perf_counter() - started
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        started = time.perf_counter()
+        out = _all_to_all(grad, ctx.send, ctx.received, ctx.layer.group)
+        ctx.layer.exchange_seconds += time.perf_counter() - started
+        return out, None, None, None
+
+
 class ShardedMoELayer(TieredMoELayer):
     """``TieredMoELayer`` whose ``W * store.num_experts`` experts are sharded over the ranks
     of ``group`` (default: the world); ``expert_store`` is this rank's shard
@@ -91,7 +118,7 @@ class ShardedMoELayer(TieredMoELayer):
 
     def __init__(self, input_dim: int, hidden_dim: int, expert_store: TieredExpertStore,
                  top_k: int = 2, dropout: float = 0.1, *, group=None, **layer_kw) -> None:
-        self.group = group
+        self.group, self.exchange_seconds = group, 0.0
         self.rank, self.world = _rank_and_world(group)
         super().__init__(input_dim, hidden_dim, expert_store, top_k, dropout, **layer_kw)
 
@@ -111,16 +138,12 @@ class ShardedMoELayer(TieredMoELayer):
         received = torch.empty_like(send)
         dist.all_to_all_single(received, send, group=self.group)
         send, received = send.tolist(), received.tolist()
-        local_ids = local.new_empty(sum(received))
-        dist.all_to_all_single(local_ids, local[order].contiguous(), received, send,
-                               group=self.group)
-        rows = dist_fn.all_to_all_single(h.new_empty(sum(received), h.shape[1]), h[token],
-                                         received, send, group=self.group)
+        local_ids = _all_to_all(local[order], received, send, self.group)
+        rows = _Exchange.apply(h[token], send, received, self)
         out, self.last_waves = expert_mixture(rows, local_ids[:, None],
                                               rows.new_ones(len(local_ids), 1),
                                               self.expert_store, self.prefetch)
-        back = dist_fn.all_to_all_single(h.new_empty(len(order), h.shape[1]), out, send,
-                                         received, group=self.group)
+        back = _Exchange.apply(out, received, send, self)
         weights = routing.expert_weights.reshape(-1)[order]
         return torch.zeros_like(h).index_add(0, token, back * weights[:, None])
 

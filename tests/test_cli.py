@@ -200,6 +200,19 @@ def test_bench_train_quick_reports_sps_and_ratios(tmp_path):
         figures["agents"]["cnn"]["sps"] / figures["env"]["sps"])  # the env it steps
 
 
+def test_bench_dist_quick_runs_one_and_two_gloo_ranks(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "dist", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "1 rank " in result.stdout and "2 ranks" in result.stdout
+    runs = json.loads(out.read_text())["dist"]["runs"]
+    assert runs["1"]["exchange_s"] < runs["1"]["step_s"]     # one rank: copies to itself
+    assert runs["2"]["speedup"] == pytest.approx(runs["2"]["tokens_per_s"]
+                                                 / runs["1"]["tokens_per_s"])
+    for r in runs.values():          # every expert of both shards streamed (HBM 4 per rank)
+        assert r["bytes_per_step"]["dram_to_hbm"] > 0 and 0 < r["exchange_share"] < 1
+
+
 def parse(*argv: str) -> dict:
     """The flags as ``python -m ooc_moe`` reads them (a preset's defaults included)."""
     return vars(build_parser(_preset_of(list(argv))).parse_args(list(argv)))
