@@ -1,13 +1,15 @@
 """Command line: ``python -m ooc_moe COMMAND`` (``-h`` lists the commands and options).
 
-test, train, train-atari, experiment, demo, bench, store-demo, gpu-check. The training commands' flags
-are grouped by the dataclass they set (``TrainArgs``, ``PPOArgs``, ``EvalArgs``).
+test, train, train-atari, experiment, demo, bench, store-demo, gpu-check, dist-layer (under
+torchrun). The training commands' flags are grouped by the dataclass they set (``TrainArgs``, ``PPOArgs``, ``EvalArgs``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 import time
 
@@ -42,6 +44,33 @@ def _gpu_check(args: argparse.Namespace) -> None:
 
     gpu_check(GpuCheckConfig(out=args.out, train_steps=args.train_steps, quick=args.quick,
                              allow_cpu=args.allow_cpu, timeout_s=args.timeout_s))
+
+
+def _dist_layer(args: argparse.Namespace) -> None:
+    """One rank of a torchrun job: train the expert-parallel layer, print this rank's figures
+    and, with ``--out``, write them to ``OUT/rank-<rank>.json``."""
+    import torch.distributed as dist
+
+    from .distributed import init_from_env, train_sharded_layer
+
+    rank, world = init_from_env()
+    try:
+        figures = train_sharded_layer(args.num_experts, args.expert_dim, args.hidden_dim,
+                                      args.top_k, args.tokens, args.hbm_capacity, args.steps,
+                                      path=args.out and os.path.join(args.out, "experts"),
+                                      seed=args.seed)
+        s = figures["store"]
+        print(f"rank {rank} of {world}: experts {figures['experts']}; rows sent to ranks "
+              f"{figures['sent'][-1]} (last step); exchanges "
+              f"{1e3 * sum(figures['exchange_s']) / args.steps:.1f} of "
+              f"{1e3 * sum(figures['step_s']) / args.steps:.1f} ms per step; HBM hit rate "
+              f"{s['hit_rate']:.2f}, DRAM -> HBM {s['bytes_dram_to_hbm'] / 1e6:.2f} MB; loss "
+              f"{figures['loss'][0]:.4f} -> {figures['loss'][-1]:.4f}", flush=True)
+        if args.out:
+            with open(os.path.join(args.out, f"rank-{rank}.json"), "w") as f:
+                json.dump(figures, f)
+    finally:
+        dist.destroy_process_group()
 
 
 def _store_demo(args: argparse.Namespace) -> None:
@@ -363,6 +392,21 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--dir", default=None, help="directory for the expert file (an NVMe disk)")
     b.add_argument("--json", default=None, help="also write the figures to this JSON file")
     b.set_defaults(func=_bench)
+    p = sub.add_parser("dist-layer", help="under torchrun: train an expert-parallel MoE layer "
+                                          "(experts sharded over the ranks, each with its own "
+                                          "store) and print each rank's figures",
+                       formatter_class=formatter)
+    p.add_argument("--num_experts", type=int, default=16, help="experts over all ranks")
+    p.add_argument("--expert_dim", type=int, default=32)
+    p.add_argument("--hidden_dim", type=int, default=64)
+    p.add_argument("--top_k", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=256, help="tokens per step over all ranks")
+    p.add_argument("--hbm_capacity", type=int, default=2, help="HBM slots per rank")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="directory for the expert files and the "
+                                               "ranks' figures (rank-<rank>.json)")
+    p.set_defaults(func=_dist_layer)
     d = sub.add_parser("store-demo", help="replay sequential-game and random expert accesses "
                                           "through a real tiered store (every used expert "
                                           "dirty)", formatter_class=formatter)

@@ -472,51 +472,20 @@ class DistBenchConfig:
 
 
 def _dist_rank(rank: int, world: int, cfg: DistBenchConfig, directory: str) -> None:
-    """One rank of ``bench_dist``: train steps of a ``ShardedMoELayer``; its figures saved as
+    """One rank of ``bench_dist`` (``train_sharded_layer``); its figures saved as
     ``directory/rank-<rank>.json``."""
     import torch.distributed as dist
 
-    from .distributed import ShardedMoELayer, shard_store
+    from .distributed import train_sharded_layer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank,
                             world_size=world)
     try:
-        store = shard_store(cfg.num_experts, cfg.expert_dim, cfg.hidden_dim,
-                            cfg.hbm_capacity // world, cfg.num_experts // world, "cpu",
-                            path=os.path.join(directory, "experts"), overwrite=True,
-                            optimizer_state=True)
-        with store:
-            torch.manual_seed(0)                 # the same router on every rank
-            layer = ShardedMoELayer(cfg.expert_dim, cfg.hidden_dim, store, cfg.top_k,
-                                    dropout=0.0, noise_std=0.0)
-            torch.manual_seed(1 + rank)
-            x = torch.randn(cfg.tokens // world, cfg.expert_dim)
-            store.prefetch(range(store.num_experts), tier="dram")   # host memory holds all
-            store.synchronize()
-            opt = torch.optim.Adam(layer.parameters(), lr=1e-4)
-            expert_opt = ExpertOptimizer(store, lr=1e-4)
-            times, exchange = [], []
-            for step in range(cfg.steps + 1):
-                if step == 1:                    # the first step warms up, uncounted
-                    store.reset_stats()
-                dist.barrier()
-                started, layer.exchange_seconds = time.perf_counter(), 0.0
-                y, aux = layer(x)
-                opt.zero_grad(set_to_none=True)
-                (y.square().mean() + aux).backward()
-                for p in layer.parameters():     # what DistributedDataParallel does
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-                opt.step()
-                expert_opt.step()
-                if step:
-                    times.append(time.perf_counter() - started)
-                    exchange.append(layer.exchange_seconds)
-            s = store.get_stats_summary()
-            figures = {"step_s": times, "exchange_s": exchange,
-                       "bytes": {k: s[f"bytes_{k}"] for k in LINKS},
-                       "hit_rate": s["hit_rate"], "record_bytes": store.record_bytes}
+        figures = train_sharded_layer(cfg.num_experts, cfg.expert_dim, cfg.hidden_dim,
+                                      cfg.top_k, cfg.tokens, cfg.hbm_capacity // world,
+                                      cfg.steps, warmup=1,
+                                      path=os.path.join(directory, "experts"))
         with open(os.path.join(directory, f"rank-{rank}.json"), "w") as f:
             json.dump(figures, f)
     finally:
@@ -551,9 +520,9 @@ def bench_dist(cfg: DistBenchConfig) -> dict:
         exchange = statistics.median(max(t) for t in zip(*(r["exchange_s"] for r in ranks)))
         runs[world] = {"step_s": step, "tokens_per_s": cfg.tokens / step,
                        "exchange_s": exchange, "exchange_share": exchange / step,
-                       "bytes_per_step": {k: sum(r["bytes"][k] for r in ranks) / cfg.steps
-                                          for k in LINKS},
-                       "hit_rate": statistics.mean(r["hit_rate"] for r in ranks)}
+                       "bytes_per_step": {k: sum(r["store"][f"bytes_{k}"] for r in ranks)
+                                          / cfg.steps for k in LINKS},
+                       "hit_rate": statistics.mean(r["store"]["hit_rate"] for r in ranks)}
     runs[cfg.world]["speedup"] = runs[cfg.world]["tokens_per_s"] / runs[1]["tokens_per_s"]
     for world, run in runs.items():
         moved = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in run["bytes_per_step"].items())

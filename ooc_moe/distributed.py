@@ -34,7 +34,10 @@ forward and backward (waiting for slower ranks included): ``bench dist`` reports
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -42,10 +45,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .moe.layer import TieredMoELayer, expert_mixture
+from .moe.optim import ExpertOptimizer
 from .moe.router import RouterOutput
 from .store import TieredExpertStore
 
-__all__ = ["shard_store", "owner_of", "ShardedMoELayer"]
+__all__ = ["shard_store", "owner_of", "ShardedMoELayer", "train_sharded_layer", "init_from_env",
+           "launch_sharded_layer"]
 
 
 def owner_of(expert: int, world: int) -> tuple[int, int]:
@@ -119,6 +124,7 @@ class ShardedMoELayer(TieredMoELayer):
     def __init__(self, input_dim: int, hidden_dim: int, expert_store: TieredExpertStore,
                  top_k: int = 2, dropout: float = 0.1, *, group=None, **layer_kw) -> None:
         self.group, self.exchange_seconds = group, 0.0
+        self.last_sent: list[int] = []            # rows sent to each rank by the last call
         self.rank, self.world = _rank_and_world(group)
         super().__init__(input_dim, hidden_dim, expert_store, top_k, dropout, **layer_kw)
 
@@ -138,6 +144,7 @@ class ShardedMoELayer(TieredMoELayer):
         received = torch.empty_like(send)
         dist.all_to_all_single(received, send, group=self.group)
         send, received = send.tolist(), received.tolist()
+        self.last_sent = send
         local_ids = _all_to_all(local[order], received, send, self.group)
         rows = _Exchange.apply(h[token], send, received, self)
         out, self.last_waves = expert_mixture(rows, local_ids[:, None],
@@ -150,3 +157,96 @@ class ShardedMoELayer(TieredMoELayer):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", rank {self.rank} of {self.world} "
                 f"(experts e with e % {self.world} == {self.rank})")
+
+
+def init_from_env() -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes in the environment (NCCL when CUDA is
+    there, else gloo); returns ``(rank, world)``."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("no RANK / WORLD_SIZE in the environment: launch with torchrun, "
+                           "e.g. torchrun --standalone --nproc_per_node 2 -m ooc_moe dist-layer")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def train_sharded_layer(num_experts: int = 16, expert_dim: int = 32, hidden_dim: int = 64,
+                        top_k: int = 2, tokens: int = 256, hbm_capacity: int = 2,
+                        steps: int = 5, *, warmup: int = 0,
+                        path: str | os.PathLike | None = None, seed: int = 0,
+                        group=None) -> dict:
+    """Train a ``ShardedMoELayer`` for ``steps`` on this rank's ``tokens / W`` random tokens
+    (a regression to a fixed random map; dense gradients averaged over ranks, as
+    ``DistributedDataParallel`` does; each rank's ``ExpertOptimizer`` steps its experts), after
+    ``warmup`` steps that are not counted. Every rank of the group must call it. ``hbm_capacity`` is per rank; DRAM holds the rank's shard.
+    Returns this rank's figures: step and exchange seconds per step, rows sent to each rank
+    per step, the loss per step (the mean over ranks) and its store's summary."""
+    rank, world = _rank_and_world(group)
+    if tokens % world:
+        raise ValueError(f"tokens={tokens} does not divide over {world} ranks")
+    store = shard_store(num_experts, expert_dim, hidden_dim, hbm_capacity, num_experts // world,
+                        path=path, group=group, seed=seed, overwrite=path is not None,
+                        optimizer_state=True)
+    with store:
+        torch.manual_seed(seed)                              # the same router on every rank
+        layer = ShardedMoELayer(expert_dim, hidden_dim, store, top_k, dropout=0.0,
+                                noise_std=0.0, group=group).to(store.device)
+        target_map = torch.randn(expert_dim, expert_dim, device=store.device) / expert_dim ** 0.5
+        torch.manual_seed(seed + 1 + rank)                   # each rank its own tokens
+        x = torch.randn(tokens // world, expert_dim, device=store.device)
+        dense = list(layer.parameters())
+        opt = torch.optim.Adam(dense, lr=1e-3)
+        expert_opt = ExpertOptimizer(store, lr=1e-3)
+        figures = {"rank": rank, "world": world, "step_s": [], "exchange_s": [], "sent": [],
+                   "loss": []}
+        for step in range(warmup + steps):
+            if step == warmup:
+                store.reset_stats()
+            dist.barrier(group)
+            started, layer.exchange_seconds = time.perf_counter(), 0.0
+            y, aux = layer(x)
+            loss = (y - x @ target_map).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            (loss + aux).backward()
+            for p in dense:
+                dist.all_reduce(p.grad, group=group)
+                p.grad /= world
+            opt.step()
+            expert_opt.step()
+            seconds = time.perf_counter() - started
+            mean = loss.detach().clone()
+            dist.all_reduce(mean, group=group)
+            if step >= warmup:
+                figures["step_s"].append(seconds)
+                figures["exchange_s"].append(layer.exchange_seconds)
+                figures["sent"].append(layer.last_sent)
+                figures["loss"].append(mean.item() / world)
+        figures["store"] = {k: v for k, v in store.get_stats_summary().items()
+                            if isinstance(v, (int, float))}
+        figures["experts"] = [rank + world * i for i in range(store.num_experts)]
+    return figures
+
+
+def launch_sharded_layer(nproc: int = 2, out: str | os.PathLike | None = None,
+                         timeout: float = 600, **options) -> list[dict]:
+    """Run ``torchrun --standalone --nproc_per_node nproc -m ooc_moe dist-layer`` (each rank
+    one torch thread; ``options`` become its flags, e.g. ``steps=3``), print what the ranks
+    printed and return their figures, rank by rank. ``out``: where the expert files and
+    figures go (default: a temporary directory, removed)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ooc-moe-dist-") as tmp:
+        out = str(out or tmp)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), "-m", "ooc_moe", "dist-layer", "--out", out]
+        cmd += [f"--{k}={v}" for k, v in options.items()]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+        print("".join(sorted(result.stdout.splitlines(keepends=True))), end="")
+        ranks = []
+        for r in range(nproc):
+            with open(os.path.join(out, f"rank-{r}.json")) as f:
+                ranks.append(json.load(f))
+    return ranks

@@ -199,3 +199,36 @@ def test_bad_shards_are_clear_errors(tmp_path):
     with pytest.raises(RuntimeError, match="torchrun"):
         shard_store(E, DIM, HIDDEN, 2, 4)
     mp.spawn(_bad, args=(str(tmp_path),), nprocs=2, join=True)
+
+
+def test_torchrun_trains_the_sharded_layer_and_each_rank_reports(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "ooc_moe", "dist-layer", "--steps", "2", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["experts"] for r in ranks] == [list(range(0, 16, 2)), list(range(1, 16, 2))]
+    for r in ranks:
+        assert f"rank {r['rank']} of 2" in result.stdout
+        assert len(r["step_s"]) == len(r["sent"]) == 2 and sum(r["sent"][-1]) == 256 // 2 * 2
+        assert r["loss"] == ranks[0]["loss"]                 # the mean over ranks, on both
+        store = TieredExpertStore.open(tmp_path / "experts" / f"rank-{r['rank']}", "cpu")
+        assert store.num_experts == 8
+        store.shutdown()
+    # every assignment went to one rank: 2 ranks x 128 tokens x top-2
+    assert sum(sum(r["sent"][-1]) for r in ranks) == 512
+
+
+def test_dist_layer_without_torchrun_says_how_to_launch_it():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    result = subprocess.run([sys.executable, "-m", "ooc_moe", "dist-layer"], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode != 0 and "torchrun --standalone --nproc_per_node" in result.stderr

@@ -166,3 +166,18 @@ def test_widget_drives_the_callback_and_clamps_top_k_and_hbm():
     assert (top_k.value, top_k.max, hbm.value, hbm.max) == (3, 4, 3, 32)
     hbm.value = 1
     show_moe_training(experts.value, top_k.value, hbm.value, **SMALL)
+
+
+def test_the_exchange_plot_shows_each_ranks_rows_and_times():
+    from ooc_moe.viz import plot_expert_exchange
+
+    ranks = [{"rank": r, "experts": [r, r + 2], "sent": [[1, 2], sent],
+              "step_s": [0.04, 0.06], "exchange_s": [0.01, 0.01]}
+             for r, sent in enumerate(([5, 7], [3, 9]))]
+    fig = plot_expert_exchange(ranks)
+    matrix, times = fig.axes[:2]
+    assert [t.get_text() for t in matrix.texts] == ["5", "7", "3", "9"]   # the last step's
+    rest, exchange = times.containers
+    assert [b.get_width() for b in exchange] == pytest.approx([10, 10])   # ms per step
+    assert [b.get_width() for b in rest] == pytest.approx([40, 40])
+    plt.close(fig)

@@ -18,8 +18,9 @@ from .detector import (PREFETCH_CHOICES, detector_expert_map, frame_moe_run, fra
                        plot_game_expert_maps, prefetch_sets, routing_summary, show_trace_cache,
                        simulate_steps, step_experts, step_slices, trace_cache_curves,
                        trace_cache_widget)
-from .moe import (moe_layer_widget, moe_training_run, plot_dispatch, plot_moe_training,
-                  plot_routing_losses, routing_loss_curves, show_moe_training)
+from .moe import (moe_layer_widget, moe_training_run, plot_dispatch, plot_expert_exchange,
+                  plot_moe_training, plot_routing_losses, routing_loss_curves,
+                  show_moe_training)
 from .sequential import (plot_forgetting, plot_game_expert_usage, plot_game_over_stages,
                          plot_hit_rate_over_time, plot_retention, save_run_plots,
                          sequential_results_widget, show_sequential_run)
@@ -28,7 +29,7 @@ from .store import cache_explorer, cache_explorer_widget, plot_tier_map, show_ca
 __all__ = ["TIER_COLOURS", "CLAIMED_HIT_RATE", "plot_tier_map", "cache_explorer",
            "show_cache_explorer", "cache_explorer_widget",
            "routing_loss_curves", "plot_routing_losses", "plot_dispatch", "moe_training_run",
-           "plot_moe_training", "show_moe_training", "moe_layer_widget",
+           "plot_moe_training", "show_moe_training", "moe_layer_widget", "plot_expert_exchange",
            "plot_frames", "plot_confusion", "frame_moe_run", "step_experts", "step_slices",
            "frames_trace", "routing_summary", "plot_game_expert_maps", "detector_expert_map",
            "plot_detector_experts", "prefetch_scores", "PREFETCH_CHOICES", "prefetch_sets",

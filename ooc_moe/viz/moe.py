@@ -115,6 +115,36 @@ def plot_dispatch(indices: torch.Tensor, num_experts: int) -> Figure:
     return fig
 
 
+def plot_expert_exchange(ranks: list[dict]) -> Figure:
+    """An expert-parallel run (each rank's ``train_sharded_layer`` figures, in rank order):
+    (a) the rows of token assignments each rank sent to each rank in the last step (to itself
+    on the diagonal: no network); (b) per rank, the mean step time split into the exchanges
+    of rows (forward and backward, waiting for the others included) and the rest."""
+    world = len(ranks)
+    sent = np.array([r["sent"][-1] for r in ranks])
+    fig, (matrix, times) = plt.subplots(1, 2, figsize=(10, 3.4), width_ratios=[1, 1.4],
+                                        layout="constrained")
+    matrix.imshow(sent, cmap="Blues", vmin=0)
+    for i in range(world):
+        for j in range(world):
+            matrix.text(j, i, f"{sent[i, j]}", ha="center", va="center",
+                        color="white" if sent[i, j] > sent.max() / 2 else "black")
+    labels = [f"rank {r}\n(e % {world} = {r})" for r in range(world)]
+    matrix.set(xticks=range(world), yticks=range(world), xticklabels=labels,
+               yticklabels=[f"rank {r}" for r in range(world)], xlabel="to (owner of the expert)",
+               ylabel="from (owner of the token)", title="(a) rows sent, last step")
+    exchange = np.array([np.mean(r["exchange_s"]) for r in ranks]) * 1e3
+    rest = np.array([np.mean(r["step_s"]) for r in ranks]) * 1e3 - exchange
+    y = np.arange(world)
+    times.barh(y, rest, color="tab:grey", label="routing, experts, optimizers")
+    times.barh(y, exchange, left=rest, color="tab:orange", label="exchanges of rows")
+    times.set(yticks=y, yticklabels=[f"rank {r}" for r in range(world)], xlabel="ms per step",
+              title="(b) where a step's time goes")
+    times.invert_yaxis()
+    times.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8)
+    return fig
+
+
 def moe_training_run(num_experts: int, top_k: int, hbm_capacity: int, *,
                      dram_capacity: int | None = None, dim: int = 16, hidden: int = 32,
                      tokens: int = 256, steps: int = 10, seed: int = 0,
