@@ -397,13 +397,13 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                                           "store) and print each rank's figures",
                        formatter_class=formatter)
     p.add_argument("--num_experts", type=int, default=16, help="experts over all ranks")
-    p.add_argument("--expert_dim", type=int, default=32)
-    p.add_argument("--hidden_dim", type=int, default=64)
-    p.add_argument("--top_k", type=int, default=2)
+    p.add_argument("--expert_dim", type=int, default=32, help="each expert's input and output")
+    p.add_argument("--hidden_dim", type=int, default=64, help="each expert's hidden width")
+    p.add_argument("--top_k", type=int, default=2, help="experts per token")
     p.add_argument("--tokens", type=int, default=256, help="tokens per step over all ranks")
     p.add_argument("--hbm_capacity", type=int, default=2, help="HBM slots per rank")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=5, help="training steps")
+    p.add_argument("--seed", type=int, default=0, help="experts, router and tokens")
     p.add_argument("--out", default=None, help="directory for the expert files and the "
                                                "ranks' figures (rank-<rank>.json)")
     p.set_defaults(func=_dist_layer)

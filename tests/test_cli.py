@@ -141,7 +141,7 @@ def test_experiment_runs_the_cnn_anchor_beside_dense_and_moe(tmp_path):
 
 
 SUBCOMMANDS = ["bench", "store-demo", "test", "train", "train-atari", "experiment", "demo",
-               "gpu-check", "learning"]
+               "gpu-check", "learning", "dist-layer"]
 
 
 def subparsers() -> dict:
