@@ -421,6 +421,11 @@ def cache_table(runs: Mapping[str, dict]) -> dict[str, dict]:
     return table
 
 
+def _percent(x: float) -> str:
+    """``x`` as a percentage; "-" where it was not measured (a run older than the figure)."""
+    return "-" if math.isnan(x) else f"{x:.1%}"
+
+
 def format_cache_table(table: Mapping[str, dict]) -> str:
     """``cache_table`` as a markdown table; hit rates as store / Belady per phase, bytes per
     update in MiB as store / plain LRU / Belady."""
@@ -438,6 +443,6 @@ def format_cache_table(table: Mapping[str, dict]) -> str:
             f"| {kind} | {','.join(map(str, e['seeds']))} | "
             f"{', '.join(f'{x:.1f}' for x in e['experts_per_game'])} | {e['nmi']:.2f} | {hits} | "
             f"{e['prefetch_precision']:.1%} / {e['prefetch_coverage']:.1%} | "
-            f"{e['switch_precision']:.1%} / {e['switch_coverage']:.1%} | {moved} | "
+            f"{_percent(e['switch_precision'])} / {_percent(e['switch_coverage'])} | {moved} | "
             f"{e['stall_seconds']:.1f} | {e['sps']:.0f} | {e['score']:.1f} |")
     return "\n".join(lines)
