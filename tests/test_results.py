@@ -113,3 +113,11 @@ def test_the_routing_table_in_readme_is_what_the_runs_give():
     table = format_cache_table(cache_table(runs))
     assert table in (RESULTS.parent / "README.md").read_text(), \
         "README's routing table differs from the runs: paste format_cache_table's output"
+
+
+def test_cohort_routing_meets_the_cache_targets_the_readme_states():
+    """README: cohort routing's rollout hit rate is Belady's (within 2 points) and its bytes per
+    update are within 1.2 times Belady's on the same traces."""
+    cohort = cache_table(load_results(RESULTS / "routing"))["cohort"]
+    assert cohort["cache_rollout_hit_rate"] >= cohort["belady_rollout_hit_rate"] - 0.02
+    assert cohort["cache_bytes_per_update"] <= 1.2 * cohort["belady_bytes_per_update"]
