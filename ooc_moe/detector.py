@@ -578,10 +578,9 @@ class PrefetchPlanner:
     def _cohort(self, game: int) -> list[int]:
         return list(dict.fromkeys(self.cohorts.lookup(torch.tensor([game])).reshape(-1).tolist()))
 
-    def _cohort_ids(self, games: Tensor) -> list[int]:
-        """Per game of ``games`` (the one of most entries first), its recent experts or its
-        cohort."""
-        counts = torch.bincount(games)
+    def _cohort_ids(self, counts: Tensor) -> list[int]:
+        """Per game with ``counts > 0`` (``bincount`` of a step's games, the game of most
+        entries first), its recent experts or its cohort."""
         ids: list[int] = []
         for game in counts.argsort(descending=True, stable=True)[:int((counts > 0).sum())].tolist():
             recent = Counter(e for step in self._recent.get(game, ()) for e in step)
@@ -604,14 +603,15 @@ class PrefetchPlanner:
                         ~self.seen_games().to(game_logits.device), -math.inf)
                 games = game_logits.argmax(-1)
         games = games.reshape(-1).cpu()
+        counts = torch.bincount(games)
         if self.cohorts is not None:
-            ids = self._cohort_ids(games)
+            ids = self._cohort_ids(counts)
         else:
             scores = self._scores(expert_logits).cpu()
             order = torch.argsort(scores, descending=True, stable=True)
             ids = [int(e) for e in order if scores[e] >= self.min_prob]
         ids = ids[:self.top_k]
-        lead = int(torch.bincount(games).argmax())
+        lead = int(counts.argmax())
         switch, self._last_game = self._last_game is not None and lead != self._last_game, lead
         asked = self._prefetch(ids, [] if switch else self._last_used)
         dropped = len(asked) - len(self.store.prefetch(asked, tier=self.tier)) if asked else 0
