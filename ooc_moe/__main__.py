@@ -151,20 +151,36 @@ def _command() -> str:
 
 
 def _train(args: argparse.Namespace, atari: bool) -> None:
-    from .train import args_from_json, load_checkpoint, train
+    """A run in this process, or (under torchrun) this rank's part of a data-parallel job;
+    a job torchrun restarts (``--max_restarts``) resumes from its last checkpoint."""
+    from .train import args_from_json, find_checkpoint, load_checkpoint, train
 
+    rank = 0
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:       # started by torchrun
+        from .distributed import init_from_env
+
+        rank = init_from_env()[0]
+    resume = args.resume
+    if (not resume and args.out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+            and find_checkpoint(args.out) is not None):
+        resume = args.out                   # a restarted job continues, it does not restart
     try:
-        if args.resume:
-            train_args = args_from_json(load_checkpoint(args.resume)["args"])
-            train_args.out = args.resume
-        else:
-            train_args = _train_args(args, atari)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
-    try:
-        metrics = train(train_args, resume=bool(args.resume), command=_command())
-    except ValueError as err:              # e.g. --out holds an earlier run's checkpoint
-        raise SystemExit(f"error: {err}") from None
+        try:
+            if resume:
+                train_args = args_from_json(load_checkpoint(resume)["args"])
+                train_args.out = resume
+            else:
+                train_args = _train_args(args, atari)
+            metrics = train(train_args, resume=bool(resume), command=_command())
+        except (ValueError, FileNotFoundError) as err:   # bad flags, an earlier run's --out,
+            raise SystemExit(f"error: {err}") from None  # a checkpoint of another world size
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank:
+        return                              # rank 0 reports for the job
     history = metrics["history"]
     print(f"trained {train_args.baseline} on {', '.join(train_args.games)} in "
           f"{metrics['seconds']:.0f} s")

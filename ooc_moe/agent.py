@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .moe import DenseTransformerBlock, MoETransformerBlock
+from .moe import DenseTransformerBlock, MoETransformerBlock, TieredMoELayer
 from .moe.router import BALANCE_MODES, CohortTable
 from .store import RecordLayout, TieredExpertStore
 
@@ -282,10 +282,13 @@ class _SequenceAgent(nn.Module):
 
 
 class MoERLAgent(_SequenceAgent):
-    """The agent with tiered MoE blocks sharing one store of ``num_experts`` experts."""
+    """The agent with tiered MoE blocks sharing one store of ``num_experts`` experts.
+    ``moe_layer``: the MoE layers' class; with ``ooc_moe.distributed.ShardedMoELayer``,
+    ``store`` is this rank's shard (``shard_store``) of the ``num_experts``."""
 
     def __init__(self, config: MoERLAgentConfig, store: TieredExpertStore | None = None,
-                 device: str | torch.device | None = None, path: str | None = None) -> None:
+                 device: str | torch.device | None = None, path: str | None = None,
+                 moe_layer: type[TieredMoELayer] = TieredMoELayer) -> None:
         if store is None:
             store = TieredExpertStore(config.num_experts, config.expert_dim,
                                       config.expert_hidden, config.hbm_cap, config.dram_cap,
@@ -297,7 +300,7 @@ class MoERLAgent(_SequenceAgent):
                                 load_balance_coef=config.load_balance_coef,
                                 balance=config.balance,
                                 balance_horizon=config.balance_horizon,
-                                balance_rate=config.balance_rate)
+                                balance_rate=config.balance_rate, moe_layer=moe_layer)
             for _ in range(config.num_layers))
         # one id space for all layers (they share the store), so cohorts are chosen across them
         cohorts = (CohortTable(config.num_envs, config.num_layers, config.cohort_size,

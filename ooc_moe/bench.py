@@ -43,7 +43,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .moe import ExpertOptimizer, ExpertRouter, TieredMoELayer
 from .store import TieredExpertStore

@@ -30,6 +30,14 @@ Balancing losses and router statistics are each rank's own, over its own tokens 
 averaging the router's gradients, the Switch loss becomes the mean over ranks of per-rank
 losses). ``exchange_seconds`` adds up the time this rank spent in the exchanges of rows,
 forward and backward (waiting for slower ranks included): ``bench dist`` reports it apart.
+
+**Training on ranks** (``train``/``train-atari`` under ``torchrun``, ``ooc_moe.train.run``):
+data-parallel PPO with the experts sharded. After each backward ``average_gradients`` does
+what ``DistributedDataParallel`` would (averages the replicated dense gradients) and scales
+the experts' gradients to the same mean; ``ExpertOptimizer(reduce_norm=sum_over_ranks)``
+makes the clipped norm the one over every rank's experts. Loops whose length differs between
+ranks (an evaluation's episodes) go on while ``any_rank`` has work, so every rank keeps
+calling the layer; ``gather_lists`` collects each rank's finished episodes for rank 0.
 """
 
 from __future__ import annotations
@@ -50,12 +58,76 @@ from .moe.router import RouterOutput
 from .store import TieredExpertStore
 
 __all__ = ["shard_store", "owner_of", "ShardedMoELayer", "train_sharded_layer", "init_from_env",
-           "launch_sharded_layer"]
+           "launch_sharded_layer", "world_info", "any_rank", "gather_lists", "sum_over_ranks",
+           "average_gradients"]
 
 
 def owner_of(expert: int, world: int) -> tuple[int, int]:
     """``(rank, local id)`` of global expert ``expert`` among ``world`` ranks."""
     return expert % world, expert // world
+
+
+def world_info(group=None) -> tuple[int, int]:
+    """``(rank, world)`` of this process; ``(0, 1)`` when torch.distributed is not running."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _on_backend(t: Tensor, group) -> Tensor:
+    """``t`` where the group's backend can reduce it (NCCL reduces CUDA tensors only)."""
+    if dist.get_backend(group) == "nccl":
+        return t.cuda()
+    return t.cpu()
+
+
+def sum_over_ranks(value: Tensor, group=None) -> Tensor:
+    """The sum of ``value`` over the group's ranks (every rank must call it), on
+    ``value``'s device; ``value`` itself without torch.distributed."""
+    if world_info(group)[1] == 1:
+        return value
+    total = _on_backend(value.detach().clone(), group)
+    dist.all_reduce(total, group=group)
+    return total.to(value.device)
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """Whether ``flag`` is true on any rank of the group (every rank must call it): how ranks
+    that step in lockstep agree to go on while one of them still has work."""
+    return bool(sum_over_ranks(torch.tensor(float(flag)), group) > 0)
+
+
+def gather_lists(items: list, group=None) -> list:
+    """Every rank's ``items`` (picklable), concatenated in rank order."""
+    if world_info(group)[1] == 1:
+        return list(items)
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, list(items), group=group)
+    return [x for part in gathered for x in part]
+
+
+def average_gradients(parameters, expert_opt: ExpertOptimizer | None = None,
+                      group=None) -> None:
+    """What ``DistributedDataParallel`` does after backward, for a model whose dense
+    parameters are replicated and whose experts are sharded: average the dense gradients over
+    the ranks (one all-reduce of those with a gradient: every rank runs the same modules, so
+    the same parameters have one), and scale
+    ``expert_opt``'s pending expert gradients by ``1 / W``. An expert's gradient is the sum
+    of what every rank's tokens sent it, each rank's loss a mean over its own batch; scaled,
+    it is the gradient of the mean over all ranks' batches, as the dense ones are. (DDP
+    itself hooks ``forward``; the agents' ``encode`` and ``forward`` are separate calls.)"""
+    world = world_info(group)[1]
+    if world == 1:
+        return
+    params = [p for p in parameters if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = sum_over_ranks(flat, group) / world
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    if expert_opt is not None:
+        expert_opt.grad_scale /= world
 
 
 def _rank_and_world(group) -> tuple[int, int]:
@@ -161,12 +233,20 @@ class ShardedMoELayer(TieredMoELayer):
 
 def init_from_env() -> tuple[int, int]:
     """Join the process group ``torchrun`` describes in the environment (NCCL when CUDA is
-    there, else gloo); returns ``(rank, world)``."""
+    there, each rank on the GPU of its ``LOCAL_RANK``, else gloo); returns ``(rank, world)``."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise RuntimeError("no RANK / WORLD_SIZE in the environment: launch with torchrun, "
                            "e.g. torchrun --standalone --nproc_per_node 2 -m ooc_moe dist-layer")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        store, rank, world = next(dist.rendezvous("env://"))
+        # a job torchrun restarted (--max_restarts) keeps its keys apart from those the
+        # killed attempt left in torchrun's store: gloo would wait on the dead ranks' addresses
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                store=dist.PrefixStore(f"attempt-{attempt}", store),
+                                rank=rank, world_size=world)
     return dist.get_rank(), dist.get_world_size()
 
 

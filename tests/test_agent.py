@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ooc_moe.agent import (CNNAgent, CNNAgentConfig, ContextWindows, DenseRLAgent, MoERLAgent,
+from ooc_moe.agent import (CNNAgent, CNNAgentConfig, ContextWindows, DenseRLAgent,
                            MoERLAgentConfig)
 
 SMALL = dict(num_experts=16, expert_dim=32, expert_hidden=64, num_layers=2, num_heads=2,

@@ -10,12 +10,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ooc_moe import ExpertOptimizer, TieredExpertStore, TieredMoELayer
-from ooc_moe.distributed import ShardedMoELayer, owner_of, shard_store
+from ooc_moe.distributed import (ShardedMoELayer, average_gradients, owner_of, shard_store,
+                                  sum_over_ranks)
+from ooc_moe.moe.optim import clip_grad_norm_
 from reference_moe import ReferenceExperts, ReferenceMoELayer
 
 E, DIM, HIDDEN, TOP_K, TOKENS, SEED = 8, 6, 10, 2, 24, 3
 PARAMS = ("w1", "b1", "w2", "b2")
 STEPS = 20
+MAX_NORM = 0.05
 
 
 def inputs(world: int):
@@ -52,8 +55,20 @@ def forward_backward(layer, x, target, cohort=None):
             "ln_grad": layer.layer_norm.weight.grad}
 
 
-def expert_grads(store, ids):
-    return {g: {n: store.read_expert(i)[f"grad_{n}"] for n in PARAMS} for i, g in ids}
+def expert_grads(store, ids, scale=1.0):
+    return {g: {n: store.read_expert(i)[f"grad_{n}"] * scale for n in PARAMS} for i, g in ids}
+
+
+def clipped_mean_loss_gradients(layer, store, x, target, reduce_norm=None):
+    """A data-parallel step's gradients: the mean loss over this rank's tokens, gradients
+    averaged over the ranks (experts: scaled), the global norm clipped to ``MAX_NORM``."""
+    y, _ = layer(x)
+    (y - target).pow(2).mean().backward()
+    expert_opt = ExpertOptimizer(store, reduce_norm=reduce_norm)
+    average_gradients(layer.parameters(), expert_opt)
+    total = clip_grad_norm_(layer.parameters(), MAX_NORM, expert_opt)
+    return {"total": total, "router_grad": layer.router.router.weight.grad.clone(),
+            "ln_grad": layer.layer_norm.weight.grad.clone(), "scale": expert_opt.grad_scale}
 
 
 def _rank(rank: int, world: int, tmp: str) -> None:
@@ -75,6 +90,13 @@ def _rank(rank: int, world: int, tmp: str) -> None:
                     out[hbm, name] = forward_backward(layer, x[rank], target[0, rank], cohort)
                     out[hbm, name]["expert_grads"] = expert_grads(store, ids)
                     out[hbm, name]["received"] = sorted({e for w in layer.last_waves for e in w})
+        with shard_store(E, DIM, HIDDEN, 1, local, "cpu", seed=SEED, dtype=torch.float64,
+                         optimizer_state=True) as store:
+            layer = set_dense(ShardedMoELayer(DIM, HIDDEN, store, TOP_K, dropout=0.0,
+                                              noise_std=0.0).double(), dense_weights())
+            out["clip"] = clipped_mean_loss_gradients(layer, store, x[rank], target[0, rank],
+                                                      sum_over_ranks)
+            out["clip"]["expert_grads"] = expert_grads(store, ids, out["clip"]["scale"])
         store = shard_store(E, DIM, HIDDEN, 1, local, "cpu", path=os.path.join(tmp, "experts"),
                             seed=SEED, dtype=torch.float64, optimizer_state=True)
         layer = set_dense(ShardedMoELayer(DIM, HIDDEN, store, TOP_K, dropout=0.0,
@@ -150,6 +172,30 @@ def test_sharded_forward_and_backward_equal_one_process(spawned, routed):
         assert ranks[0][E // world, "one"]["received"] == list(range(E // 2))
     if routed == "both" and world == 2:
         assert all(r[E // world, "both"]["received"] for r in ranks)
+
+
+def test_averaged_and_clipped_gradients_equal_one_process_on_all_tokens(spawned):
+    """Each rank's mean loss over its tokens, gradients averaged over ranks and the norm over
+    dense parameters and every rank's experts clipped = one process's mean loss over all."""
+    world, _, ranks = spawned
+    x, target = inputs(world)
+    with TieredExpertStore(E, DIM, HIDDEN, 1, E, "cpu", seed=SEED, dtype=torch.float64,
+                           optimizer_state=True) as store:
+        layer = set_dense(TieredMoELayer(DIM, HIDDEN, store, TOP_K, dropout=0.0,
+                                         noise_std=0.0).double(), dense_weights())
+        ref = clipped_mean_loss_gradients(layer, store, x.reshape(-1, DIM),
+                                          target[0].reshape(-1, DIM))
+        ref["expert_grads"] = expert_grads(store, [(e, e) for e in range(E)], ref["scale"])
+    assert ref["total"] > MAX_NORM                           # the clip did clip
+    for r in ranks:
+        got = r["clip"]
+        close(got["total"], ref["total"])
+        close(got["router_grad"], ref["router_grad"])
+        close(got["ln_grad"], ref["ln_grad"])
+        for e, grads in got["expert_grads"].items():
+            for n in PARAMS:
+                close(grads[n], ref["expert_grads"][e][n])
+    assert sorted(e for r in ranks for e in r["clip"]["expert_grads"]) == list(range(E))
 
 
 def test_twenty_adam_steps_match_torch_adam_and_each_file_holds_its_own_experts(spawned):

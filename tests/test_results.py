@@ -20,8 +20,8 @@ EXPERIMENTS = sorted(p.parent for p in RESULTS.glob("*/summary.json"))
 
 
 def test_there_are_committed_results_for_notebook_05():
-    assert EXPERIMENTS, f"no results/*/summary.json: run `python -m ooc_moe demo --out " \
-                        f"results/<name>` (or `experiment`) and commit its JSON and PNG files"
+    assert EXPERIMENTS, "no results/*/summary.json: run `python -m ooc_moe demo --out " \
+                        "results/<name>` (or `experiment`) and commit its JSON and PNG files"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.name)

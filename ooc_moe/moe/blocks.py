@@ -8,7 +8,6 @@ extra output biases aside), which is the comparison MoE-in-RL studies ask for (S
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -50,15 +49,15 @@ class _Block(nn.Module):
 
 class MoETransformerBlock(_Block):
     """Attention + ``TieredMoELayer``; ``forward(x [batch, seq, dim], attn_mask,
-    router_context, cohort)`` returns ``(y, aux_loss)``. ``moe_options``: keyword options of
-    ``TieredMoELayer`` (the balance mode, say)."""
+    router_context, cohort)`` returns ``(y, aux_loss)``. ``moe_layer``: the layer's class
+    (``ooc_moe.distributed.ShardedMoELayer`` for experts sharded over ranks);
+    ``moe_options``: its keyword options (the balance mode, say)."""
 
     def __init__(self, dim: int, num_heads: int, expert_store: TieredExpertStore,
                  ffn_hidden_dim: int, top_k: int = 2, dropout: float = 0.1,
-                 **moe_options) -> None:
+                 moe_layer: type[TieredMoELayer] = TieredMoELayer, **moe_options) -> None:
         super().__init__(dim, num_heads, dropout)
-        self.moe = TieredMoELayer(dim, ffn_hidden_dim, expert_store, top_k, dropout,
-                                  **moe_options)
+        self.moe = moe_layer(dim, ffn_hidden_dim, expert_store, top_k, dropout, **moe_options)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None,
                 router_context: Tensor | None = None, cohort: Tensor | None = None

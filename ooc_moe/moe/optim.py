@@ -17,7 +17,7 @@ them anyway.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -33,7 +33,11 @@ class ExpertOptimizer:
 
     def __init__(self, store: TieredExpertStore, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True,
+                 reduce_norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """``reduce_norm``: where ``store`` is one rank's shard of a pool, sums a squared
+        norm over the ranks (``ooc_moe.distributed.sum_over_ranks``), so that
+        ``clip_grad_norm_`` clips the norm over every rank's experts."""
         if not store.layout.optimizer_state:
             raise ValueError("the store's records have no optimizer state: create it with "
                              "TieredExpertStore(..., optimizer_state=True)")
@@ -41,16 +45,17 @@ class ExpertOptimizer:
             raise ValueError(f"need lr > 0, eps > 0 and 0 <= betas < 1; got lr={lr}, "
                              f"betas={betas}, eps={eps}")
         self.store, self.lr, self.betas, self.eps = store, lr, betas, eps
-        self.prefetch = prefetch
+        self.prefetch, self.reduce_norm = prefetch, reduce_norm
         self.grad_scale = 1.0   # set by clip_grad_norm_, applied to the pending gradients
 
     def grad_sq_norm(self) -> torch.Tensor:
-        """The squared norm of all pending expert gradients together (0-dim)."""
+        """The squared norm of all pending expert gradients together, as ``step`` will apply
+        them (times ``grad_scale ** 2``; over every rank's shard with ``reduce_norm``), 0-dim."""
         norms = expert_grad_sq_norms(self.store)
         pending = [norms[e] for e in self.store.experts_with_grad]
-        if not pending:
-            return torch.zeros((), device=self.store.device)
-        return torch.stack(pending).sum()
+        total = (torch.stack(pending).sum() if pending
+                 else torch.zeros((), device=self.store.device)) * self.grad_scale ** 2
+        return total if self.reduce_norm is None else self.reduce_norm(total)
 
     @torch.no_grad()
     def step(self) -> int:
@@ -110,5 +115,5 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
     for g in grads:
         g.mul_(coef.to(g.device))
     if expert_opt is not None:
-        expert_opt.grad_scale = float(coef)
+        expert_opt.grad_scale *= float(coef)
     return total

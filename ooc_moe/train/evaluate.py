@@ -8,6 +8,9 @@ for the evaluation alone: evaluating changes neither the training's random strea
 trainer's context windows. Through the MoE agent the evaluation's expert fetches are real
 store traffic, counted under the store's ``eval`` phase (not in the training's per-update
 figures); the expert choices are returned in ``routing`` (``[layers, experts]`` counts).
+In a data-parallel job every rank plays the same episodes (same seeds), and a rank whose
+episodes have ended keeps calling the agent until every rank's have, since the experts it
+owns answer the others' tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from ..agent import ContextWindows
+from ..distributed import any_rank
 from .ppo import PPOTrainer
 
 __all__ = ["EvalArgs", "evaluate", "evaluate_random"]
@@ -46,7 +50,7 @@ def evaluate(trainer: PPOTrainer, env, game_index: int, args: EvalArgs) -> dict:
     agent = trainer.agent
     device, n = trainer.device, args.episodes
     windows = ContextWindows(n, agent.context_len, agent.token_dim, device)
-    counts = [np.zeros((1, layer.expert_store.num_experts)) for layer in agent.moe_layers]
+    counts = [np.zeros((1, layer.routed_experts())) for layer in agent.moe_layers]
     games = torch.full((n,), game_index, dtype=torch.long, device=device)
     returns, done = np.zeros(n), np.zeros(n, dtype=bool)
     cuda = [device.index or 0] if device.type == "cuda" else []
@@ -55,7 +59,7 @@ def evaluate(trainer: PPOTrainer, env, game_index: int, args: EvalArgs) -> dict:
     steps = 0
     with torch.random.fork_rng(devices=cuda), trainer.phase("eval"):
         torch.manual_seed(args.seed)
-        while steps < args.max_steps and not done.all():
+        while steps < args.max_steps and _any_rank_playing(trainer, not done.all()):
             action, _, _, routing = trainer.act(torch.as_tensor(obs).to(device), new_episode,
                                                 games, windows)
             trainer.count_routing(routing, torch.zeros(n, dtype=torch.long), counts)
@@ -67,6 +71,12 @@ def evaluate(trainer: PPOTrainer, env, game_index: int, args: EvalArgs) -> dict:
     return {"score": float(returns.mean()), "returns": returns.tolist(),
             "finished": int(done.sum()), "steps": steps,
             "routing": [c[0].tolist() for c in counts]}
+
+
+def _any_rank_playing(trainer: PPOTrainer, playing: bool) -> bool:
+    """Whether this rank (any rank, in a data-parallel job: their sharded experts answer
+    only when every rank calls the agent) still has an episode in play."""
+    return any_rank(playing) if trainer.data_parallel else playing
 
 
 def evaluate_random(env, args: EvalArgs) -> dict:

@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.distributions import Categorical
 
 from ..agent import ContextWindows
+from ..distributed import average_gradients, sum_over_ranks, world_info
 from ..metrics import router_entropy
 from ..moe.optim import ExpertOptimizer, clip_grad_norm_
 
@@ -126,13 +127,20 @@ class PPOTrainer:
     """Collects rollouts from a vectorised env and updates an agent with PPO."""
 
     def __init__(self, agent: nn.Module, args: PPOArgs, *, planner=None,
-                 detector_trainer=None, detector_updates: int = 8) -> None:
+                 detector_trainer=None, detector_updates: int = 8,
+                 data_parallel: bool = False) -> None:
         """``detector_trainer``: trained online, ``detector_updates`` minibatches per rollout
-        from the frames the rollouts add to its buffer."""
-        self.agent, self.args = agent, args
+        from the frames the rollouts add to its buffer. ``data_parallel``: this is one rank of
+        a ``torch.distributed`` job (each rank its own environments, the agent's dense
+        parameters replicated, its experts sharded): gradients are averaged over the ranks
+        (``average_gradients``), the clipped norm and the early stop on ``target_kl`` are
+        the ranks' together, and evaluations step until every rank is done."""
+        self.agent, self.args, self.data_parallel = agent, args, data_parallel
         self.device = next(agent.parameters()).device
         self.dense_opt = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-        self.expert_opt = (ExpertOptimizer(agent.store, lr=args.learning_rate, eps=1e-5)
+        self.expert_opt = (ExpertOptimizer(agent.store, lr=args.learning_rate, eps=1e-5,
+                                           reduce_norm=sum_over_ranks if data_parallel
+                                           else None)
                            if agent.store is not None else None)
         self.planner, self.detector_trainer = planner, detector_trainer
         self.detector_updates = detector_updates
@@ -142,7 +150,7 @@ class PPOTrainer:
         self.windows = ContextWindows(args.num_envs, agent.context_len, agent.token_dim,
                                       self.device)
         # per MoE layer, [games, experts] counts of the rollouts' routing, and router entropy
-        self.routing_counts = [np.zeros((cfg.num_envs, layer.expert_store.num_experts))
+        self.routing_counts = [np.zeros((cfg.num_envs, layer.routed_experts()))
                                for layer in agent.moe_layers]
         self.router_entropies: list[float] = []
 
@@ -336,13 +344,15 @@ class PPOTrainer:
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef + aux
                 self.dense_opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.data_parallel:
+                    average_gradients(agent.parameters(), self.expert_opt)
                 grad_norms.append(clip_grad_norm_(agent.parameters(), args.max_grad_norm,
                                                   self.expert_opt))
                 self.dense_opt.step()
                 if self.expert_opt is not None:
                     with self.phase("optimizer"):
                         self.expert_opt.step()
-            if args.target_kl is not None and approx_kl > args.target_kl:
+            if args.target_kl is not None and self.mean_over_ranks(approx_kl) > args.target_kl:
                 break
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
@@ -354,6 +364,12 @@ class PPOTrainer:
                 "losses/grad_norm": float(torch.stack(grad_norms).mean()),
                 "losses/explained_variance":
                     float("nan") if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)}
+
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` averaged over the ranks when ``data_parallel`` (every rank calls it)."""
+        if not self.data_parallel:
+            return value
+        return sum_over_ranks(value) / world_info()[1]
 
     def set_learning_rate(self, lr: float) -> None:
         for group in self.dense_opt.param_groups:

@@ -24,6 +24,18 @@ each evaluation's ``eval/<game>``; ``tensorboard --logdir OUT``), checkpoints
 (``checkpoint.py``) to resume from, and at the end ``retention.csv``, the plots and, with
 ``trace``, ``trace.npz``.
 
+Under ``torchrun`` (``torch.distributed`` initialised with ``W > 1`` ranks) the run is
+data-parallel with the experts sharded: each rank plays ``num_envs / W`` of the
+environments (seeds offset by rank; batch and minibatches over all ranks are one process's,
+as in CleanRL's ``ppo_atari_multigpu.py``), holds the experts ``e % W == rank`` in a store of its own (``OUT/store/rank-<r>``,
+capacities per rank) and a replica of the dense parameters; every PPO minibatch averages the
+gradients over the ranks (``ooc_moe.distributed``). Rank 0 writes ``metrics.json``, the plots
+and TensorBoard; the training returns are every rank's, the ``store/*`` figures rank 0's
+shard. The detector and its prefetch plan are single-process (off with ``W > 1``; game
+routing then uses the true game). Checkpoints hold every rank's state and shard and resume
+with the same ``W``; under ``torchrun --max_restarts`` a restarted job resumes from the
+last one by itself.
+
 Resuming restores weights, optimizer states, detector, RNG states and the schedule position;
 the environments of the interrupted stage restart (episodes in flight are lost, as are the
 updates since the last checkpoint) and the store's counters start again from zero; TensorBoard
@@ -38,7 +50,7 @@ import os
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +60,8 @@ from tqdm.auto import tqdm
 
 from ..agent import CNNAgent, CNNAgentConfig, DenseRLAgent, MoERLAgent, MoERLAgentConfig
 from ..detector import DetectorTrainer, EnvironmentDetector, PrefetchPlanner
+from ..distributed import ShardedMoELayer, gather_lists, shard_store, world_info
+from ..moe import TieredMoELayer
 from ..metrics import (cache_figures, experts_per_game, normalized_mutual_information,
                        prefetch_coverage, prefetch_precision)
 from ..scores import average_final_score, forgetting, human_normalized
@@ -136,30 +150,38 @@ def make_env(game: str, num_envs: int, seed: int):
 
 def build_agent(args: TrainArgs, store_dir: Path | None = None, *, reopen: bool = False):
     """The MoE agent (its expert file in ``store_dir``, a temporary one without; ``reopen``:
-    the file already there, from a checkpoint), the dense or the cnn baseline."""
+    the file already there, from a checkpoint), the dense or the cnn baseline. In a
+    ``torch.distributed`` job of ``W > 1`` ranks, the MoE agent's experts are sharded: this
+    rank's store holds its ``num_experts / W`` in ``store_dir/rank-<rank>``."""
     config = args.agent_config()
     if args.baseline == "cnn":
         return CNNAgent(config, args.device)
     if args.baseline == "dense":
         return DenseRLAgent(config, args.device)
+    rank, world = world_info()
     if reopen:
-        store = TieredExpertStore.open(store_dir, args.device, hbm_capacity=config.hbm_cap,
+        path = Path(store_dir) / f"rank-{rank}" if world > 1 else store_dir
+        store = TieredExpertStore.open(path, args.device, hbm_capacity=config.hbm_cap,
                                        dram_capacity=config.dram_cap,
-                                       num_experts=config.num_experts,
+                                       num_experts=config.num_experts // world,
                                        expert_dim=config.expert_dim,
                                        hidden_dim=config.expert_hidden)
     else:
-        store = TieredExpertStore(config.num_experts, config.expert_dim, config.expert_hidden,
-                                  config.hbm_cap, config.dram_cap, args.device, path=store_dir,
-                                  seed=args.seed, optimizer_state=True, overwrite=True)
-    return MoERLAgent(config, store=store)
+        create = shard_store if world > 1 else TieredExpertStore
+        store = create(config.num_experts, config.expert_dim, config.expert_hidden,
+                       config.hbm_cap, config.dram_cap, args.device, path=store_dir,
+                       seed=args.seed, optimizer_state=True, overwrite=True)
+    return MoERLAgent(config, store=store,
+                      moe_layer=ShardedMoELayer if world > 1 else TieredMoELayer)
 
 
 def build_trainer(args: TrainArgs, agent) -> PPOTrainer:
     """The PPO trainer of ``agent``; for the MoE agent with ``args.detector`` (or env routing)
-    also the environment detector, trained online, and its prefetch planner."""
+    also the environment detector, trained online, and its prefetch planner (in a single
+    process; a job of several ranks trains data-parallel without them)."""
     planner = detector_trainer = None
-    if args.baseline == "moe" and (args.detector or args.routing == "env"):
+    world = world_info()[1]
+    if args.baseline == "moe" and (args.detector or args.routing == "env") and world == 1:
         cfg = agent.config
         detector = EnvironmentDetector(cfg.obs_shape, len(args.games), cfg.num_experts,
                                        hidden_dim=128, num_layers=cfg.num_layers
@@ -169,7 +191,20 @@ def build_trainer(args: TrainArgs, agent) -> PPOTrainer:
             planner = PrefetchPlanner(agent.store, detector, keep_history=False,
                                       cohorts=agent.cohorts,   # cohort routing: follow the game
                                       seen_games=detector_trainer.seen_games)
-    return PPOTrainer(agent, args.ppo, planner=planner, detector_trainer=detector_trainer)
+    return PPOTrainer(agent, rank_ppo_args(args.ppo, world), planner=planner,
+                      detector_trainer=detector_trainer, data_parallel=world > 1)
+
+
+def rank_ppo_args(ppo: PPOArgs, world: int) -> PPOArgs:
+    """One rank's share of ``ppo`` in a job of ``world`` ranks: ``num_envs / world``
+    environments, the rest unchanged, so the batch and the minibatches over all ranks are
+    those of one process (as CleanRL's ``ppo_atari_multigpu.py`` splits them)."""
+    if world == 1:
+        return ppo
+    if ppo.num_envs % world:
+        raise ValueError(f"num_envs={ppo.num_envs} does not divide over {world} ranks: each "
+                         f"rank runs num_envs / {world} environments; use a multiple of {world}")
+    return replace(ppo, num_envs=ppo.num_envs // world)
 
 
 def _store_figures(store, before: dict) -> dict:
@@ -225,19 +260,23 @@ class _Run:
 
     def __init__(self, args: TrainArgs, resume: bool) -> None:
         self.args = args
+        self.rank, self.world = world_info()
         self.dir = Path(args.out) if args.out else None
         store_dir = self.dir / "store" if self.dir and args.baseline == "moe" else None
         saved = None
         if resume:
             if self.dir is None:
                 raise ValueError("resuming needs the run's directory (out=...)")
-            saved = load_checkpoint(self.dir, store_dir)
+            saved = load_checkpoint(self.dir, store_dir if store_dir is None or self.world == 1
+                                    else store_dir / f"rank-{self.rank}")
         elif self.dir is not None and find_checkpoint(self.dir) is not None:
             raise ValueError(f"{self.dir} holds a checkpoint of an earlier run: resume it with "
                              f"--resume {self.dir}, or choose another --out")
-        _seed_everything(args.seed)
+        _seed_everything(args.seed)                   # the same dense weights on every rank
         self.agent = build_agent(args, store_dir, reopen=resume)
         self.trainer = build_trainer(args, self.agent)
+        if self.world > 1:                            # each rank its own actions and batches
+            _seed_everything(args.seed + 7919 * self.rank)
         self.planner, self.detector_trainer = (self.trainer.planner,
                                                self.trainer.detector_trainer)
         self.writer: SummaryWriter | None = None       # opened by train() with out
@@ -275,7 +314,14 @@ class _Run:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
                     else None}}
 
+    def rank_state(self) -> dict:
+        """What differs between the ranks of a data-parallel job: RNG states, routing
+        counts and the agent's state (its routers' balance state is per rank)."""
+        state = self.state()
+        return {key: state[key] for key in ("rng", "routing_counts", "agent")}
+
     def _restore(self, saved: dict) -> None:
+        saved = {**saved, **saved.get("rank_state", {})}     # this rank's own, in a job
         self.game_index, self.iteration = saved["game_index"], saved["iteration"]
         self.history, self.initial = saved["history"], saved["initial"]
         self.initial_returns = saved.get("initial_returns", [])   # older checkpoints: none
@@ -305,7 +351,8 @@ class _Run:
         if self.dir is not None:
             state = self.state()
             state["seconds"] = self.seconds_now(started)
-            save_checkpoint(self.dir, state, self.agent.store)
+            save_checkpoint(self.dir, state, self.agent.store, sharded=self.world > 1,
+                            rank_state=self.rank_state() if self.world > 1 else None)
 
     def seconds_now(self, started: float) -> float:
         return self.seconds + time.perf_counter() - started
@@ -363,8 +410,8 @@ class _Run:
         game_index, game = self.game_index, self.args.games[self.game_index]
         iterations = args.steps_per_game // args.ppo.batch_size
         # a resumed stage starts its environments afresh (episodes in flight are not saved)
-        seed = args.seed + 1000 * game_index + self.iteration
-        env = make_env(game, args.ppo.num_envs, seed)
+        seed = args.seed + 1000 * game_index + self.iteration + 1_000_000 * self.rank
+        env = make_env(game, trainer.args.num_envs, seed)      # this rank's share
         state = trainer.start(env, seed)
         bar = tqdm(range(self.iteration, iterations), desc=f"{game} ({args.baseline})",
                    disable=not progress, initial=self.iteration, total=iterations)
@@ -379,6 +426,10 @@ class _Run:
                     store.trace.begin_step(game_index)
                     self.updates_traced += 1
                 logs = trainer.iteration(env, state, game_index)
+                if self.world > 1:              # every rank's episodes; SPS of the whole job
+                    for key in ("charts/episodic_returns", "charts/episodic_lengths"):
+                        logs[key] = gather_lists(logs[key])
+                    logs["charts/SPS"] *= self.world
                 logs.update({"game": game, "game_index": game_index, "iteration": it,
                              "global_step": (game_index * iterations + it + 1)
                              * args.ppo.batch_size})
@@ -421,21 +472,23 @@ def train(args: TrainArgs, progress: bool = True, *, resume: bool = False,
     updates), ``metrics.json`` rewritten after every update, and at the end
     ``retention.csv`` and the plots. ``resume=True`` continues the run saved in ``args.out``
     from its checkpoint. Returns the metrics (as in ``metrics.json``) plus the ``agent``.
+    Every rank of a ``torch.distributed`` job calls it; rank 0 writes the files.
     """
     run = _Run(args, resume)
     agent, started = run.agent, time.perf_counter()
     trace = RoutingTrace() if args.trace and agent.store is not None else None
     if trace is not None:
         agent.store.trace = trace
+    out = Path(args.out) if args.out and run.rank == 0 else None
+    progress = progress and run.rank == 0
 
-    if args.out:                 # on resume, drop the events logged after the checkpoint
-        run.writer = SummaryWriter(args.out, purge_step=run.steps_done() + 1 if resume
-                                   else None)
+    if out:                      # on resume, drop the events logged after the checkpoint
+        run.writer = SummaryWriter(out, purge_step=run.steps_done() + 1 if resume else None)
 
     def write(finished: bool = False) -> dict:
         metrics = _metrics(run, run.seconds_now(started), command, finished)
-        if args.out:
-            _write_json(Path(args.out) / "metrics.json", metrics)
+        if out:
+            _write_json(out / "metrics.json", metrics)
         return metrics
 
     try:
@@ -465,8 +518,7 @@ def train(args: TrainArgs, progress: bool = True, *, resume: bool = False,
         if run.writer is not None:
             run.writer.close()
     metrics = write(finished=True)
-    if args.out:
-        out = Path(args.out)
+    if out:
         _write_retention_csv(out / "retention.csv", metrics)
         if trace is not None:
             trace.save(out / "trace.npz")
@@ -490,6 +542,7 @@ def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> 
     args, history = run.args, run.history
     games = list(args.games)
     metrics = {"args": _jsonable(args), "command": command, "device": _device_name(run.agent),
+               "world": run.world,
                "date": time.strftime("%Y-%m-%d"), "finished": finished, "seconds": seconds,
                "params": run.agent.config.estimate_params(), "games": games,
                "initial": run.initial, "random_scores": run.random_scores,
