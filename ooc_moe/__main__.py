@@ -147,7 +147,11 @@ def _train_args(args: argparse.Namespace, atari: bool) -> "TrainArgs":
 
 
 def _command() -> str:
-    return "python -m ooc_moe " + " ".join(sys.argv[1:])
+    """The command line that started this process (the torchrun job's, for a rank of one)."""
+    launcher = "python"
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        launcher = f"torchrun --standalone --nproc_per_node {os.environ['WORLD_SIZE']}"
+    return f"{launcher} -m ooc_moe " + " ".join(sys.argv[1:])
 
 
 def _train(args: argparse.Namespace, atari: bool) -> None:

@@ -495,7 +495,8 @@ def bench_dist(cfg: DistBenchConfig) -> dict:
     """Train steps of the expert-parallel layer (``ooc_moe.distributed``) on 1 rank and on
     ``world`` ranks (processes, gloo, one torch thread each), the same tokens per step in all:
     tokens/s, the share of a step spent in the exchanges of rows, bytes per link per step
-    (all ranks), and the speed-up over one rank."""
+    (all ranks; ``between_ranks``: what the exchanges send from one rank to another), and the
+    speed-up over one rank."""
     import torch.multiprocessing as mp
 
     if cfg.world < 2 or cfg.num_experts % cfg.world or cfg.hbm_capacity % cfg.world \
@@ -517,10 +518,16 @@ def bench_dist(cfg: DistBenchConfig) -> dict:
                     ranks.append(json.load(f))
         step = statistics.median(max(t) for t in zip(*(r["step_s"] for r in ranks)))
         exchange = statistics.median(max(t) for t in zip(*(r["exchange_s"] for r in ranks)))
+        # rows leaving a rank, 4 times a step (tokens out and back, and their gradients),
+        # expert_dim float32 values each
+        remote_rows = sum(n for r in ranks for sent in r["sent"]
+                          for to, n in enumerate(sent) if to != r["rank"])
         runs[world] = {"step_s": step, "tokens_per_s": cfg.tokens / step,
                        "exchange_s": exchange, "exchange_share": exchange / step,
-                       "bytes_per_step": {k: sum(r["store"][f"bytes_{k}"] for r in ranks)
-                                          / cfg.steps for k in LINKS},
+                       "bytes_per_step": {
+                           **{k: sum(r["store"][f"bytes_{k}"] for r in ranks) / cfg.steps
+                              for k in LINKS},
+                           "between_ranks": 4 * remote_rows * cfg.expert_dim * 4 / cfg.steps},
                        "hit_rate": statistics.mean(r["store"]["hit_rate"] for r in ranks)}
     runs[cfg.world]["speedup"] = runs[cfg.world]["tokens_per_s"] / runs[1]["tokens_per_s"]
     for world, run in runs.items():

@@ -211,6 +211,10 @@ def test_bench_dist_quick_runs_one_and_two_gloo_ranks(tmp_path):
                                                  / runs["1"]["tokens_per_s"])
     for r in runs.values():          # every expert of both shards streamed (HBM 4 per rank)
         assert r["bytes_per_step"]["dram_to_hbm"] > 0 and 0 < r["exchange_share"] < 1
+    # between ranks: none from one; from two, at most every assignment of the 256 tokens'
+    # top-2 (32 float32 values), out and back, forward and backward
+    assert runs["1"]["bytes_per_step"]["between_ranks"] == 0
+    assert 0 < runs["2"]["bytes_per_step"]["between_ranks"] <= 4 * 256 * 2 * 32 * 4
 
 
 def parse(*argv: str) -> dict:

@@ -5,6 +5,7 @@ command, or a missing plot would show figures nobody can reproduce.
 """
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def test_summary_is_what_its_runs_give(experiment):
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_each_run_says_how_it_was_made_and_has_its_plots(run):
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["command"].startswith("python -m ooc_moe ")
+    assert re.match(r"(python|torchrun --standalone --nproc_per_node \d+) -m ooc_moe ",
+                    metrics["command"])
     assert metrics["device"] and metrics["date"]
     if not metrics["finished"]:      # stopped on purpose: only an early-learning comparison
         table = run.parent / "learning.json"
