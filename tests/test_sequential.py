@@ -580,6 +580,8 @@ def test_early_learning_reads_the_updates_up_to_a_step():
     assert e["explained_variance"] == pytest.approx(0.45)
     assert e["entropy"] == pytest.approx(1.55)
     assert e["return"] == pytest.approx(3.0) and e["episodes"] == 3       # returns 1, 3, 5
+    assert e["return_last"] == pytest.approx(3.0)                        # fewer than 100
+    assert early_learning(history, at=1024 * 6, last_episodes=2)["return_last"] == 4.0
     with pytest.raises(ValueError, match="reached step 10240, not 20480"):
         early_learning(history, at=20480)
     run = {"history": history, "args": {"seed": 1}, "command": "python -m ooc_moe x"}

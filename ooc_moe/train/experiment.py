@@ -329,12 +329,14 @@ def _versus_dense(games: Sequence[str], paired: dict, learned: set[str]) -> str:
             f"learned: {', '.join(verdicts) or 'none'}")
 
 
-def early_learning(history: Sequence[dict], at: int, last: int = 5) -> dict:
+def early_learning(history: Sequence[dict], at: int, last: int = 5,
+                   last_episodes: int = 100) -> dict:
     """How far a run had got by ``global_step`` ``at`` (its updates up to there): the
     critic's ``explained_variance`` and the policy ``entropy``, each the mean over the
-    ``last`` updates (CleanRL's ``losses/*``), and the mean training return of the episodes
-    finished by then (``episodes`` of them). A critic that explains none of the returns'
-    variance is the earliest sign that an agent will not learn."""
+    ``last`` updates (CleanRL's ``losses/*``), the mean training return of the episodes
+    finished by then (``episodes`` of them) and of the ``last_episodes`` of them
+    (``return_last``: where the agent had got to). A critic that explains none of the
+    returns' variance is the earliest sign that an agent will not learn."""
     upto = [h for h in history if h["global_step"] <= at]
     if not upto or upto[-1]["global_step"] < at:
         reached = history[-1]["global_step"] if history else 0
@@ -345,6 +347,7 @@ def early_learning(history: Sequence[dict], at: int, last: int = 5) -> dict:
                                                   for h in tail])),
             "entropy": float(np.mean([h["losses/entropy"] for h in tail])),
             "return": float(np.mean(returns)) if returns else math.nan,
+            "return_last": float(np.mean(returns[-last_episodes:])) if returns else math.nan,
             "episodes": len(returns)}
 
 
@@ -362,7 +365,7 @@ def learning_table(runs: Mapping[str, dict], at: int) -> dict[str, dict]:
     table = {}
     for kind, rows in by_kind.items():
         entry = {"seeds": [m["args"]["seed"] for m, _ in rows], "command": rows[0][0]["command"]}
-        for key in ("explained_variance", "entropy", "return"):
+        for key in ("explained_variance", "entropy", "return", "return_last"):
             values = [f[key] for _, f in rows]
             entry[key] = float(np.mean(values))
             entry[f"{key}_min"], entry[f"{key}_max"] = float(np.min(values)), float(np.max(values))
@@ -373,10 +376,11 @@ def learning_table(runs: Mapping[str, dict], at: int) -> dict[str, dict]:
 def format_learning_table(table: Mapping[str, dict], at: int) -> str:
     """``learning_table`` as a markdown table (means over seeds, their range in brackets)."""
     lines = [f"| run | seeds | explained variance at {at:,} steps | policy entropy "
-             f"(uniform: {math.log(18):.2f}) | training return |", "|---|---|---|---|---|"]
+             f"(uniform: {math.log(18):.2f}) | training return | the last 100 episodes' |",
+             "|---|---|---|---|---|---|"]
     for kind, e in table.items():
         cells = [f"{e[k]:.2f} [{e[k + '_min']:.2f}, {e[k + '_max']:.2f}]"
-                 for k in ("explained_variance", "entropy", "return")]
+                 for k in ("explained_variance", "entropy", "return", "return_last")]
         lines.append(f"| {kind} | {','.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
