@@ -52,7 +52,7 @@ def digest(directory: Path) -> dict:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")    # once per pytest worker, even if xdist interleaves files
 def killed_and_restarted(tmp_path_factory):
     """A 2-rank job; once it has checkpointed and trained on, rank 1 is SIGKILLed; torchrun
     restarts both ranks, which resume from the checkpoint and finish."""

@@ -314,10 +314,10 @@ class _Run:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
                     else None}}
 
-    def rank_state(self) -> dict:
-        """What differs between the ranks of a data-parallel job: RNG states, routing
-        counts and the agent's state (its routers' balance state is per rank)."""
-        state = self.state()
+    @staticmethod
+    def rank_state(state: dict) -> dict:
+        """What of ``state`` differs between the ranks of a data-parallel job: RNG states,
+        routing counts and the agent's state (its routers' balance state is per rank)."""
         return {key: state[key] for key in ("rng", "routing_counts", "agent")}
 
     def _restore(self, saved: dict) -> None:
@@ -352,7 +352,7 @@ class _Run:
             state = self.state()
             state["seconds"] = self.seconds_now(started)
             save_checkpoint(self.dir, state, self.agent.store, sharded=self.world > 1,
-                            rank_state=self.rank_state() if self.world > 1 else None)
+                            rank_state=self.rank_state(state) if self.world > 1 else None)
 
     def seconds_now(self, started: float) -> float:
         return self.seconds + time.perf_counter() - started
