@@ -1,7 +1,9 @@
 """Command line: ``python -m ooc_moe COMMAND`` (``-h`` lists the commands and options).
 
 test, train, train-atari, experiment, demo, bench, store-demo, gpu-check, dist-layer (under
-torchrun). The training commands' flags are grouped by the dataclass they set (``TrainArgs``, ``PPOArgs``, ``EvalArgs``).
+torchrun; ``train`` and ``train-atari`` run under torchrun too, data-parallel). The training
+commands' flags are grouped by the dataclass they set (``TrainArgs``, ``PPOArgs``,
+``EvalArgs``).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The MoE agent: a Decision-Transformer-style policy whose feed-forward experts live out of core.
 
 Each observation (a stack of ``frame_stack`` 84x84 frames) is encoded once by a Nature-CNN
-(Mnih et al., 2015) into one normalised token (plus a learned position); the agent keeps, per environment, a rolling window of the
-last ``context_len`` tokens (``ContextWindows``); causal transformer blocks with tiered MoE
-feed-forwards (``MoETransformerBlock``) read the window, and action and value heads read the
-last position. At an episode's start the window is filled with its first token, so no
+(Mnih et al., 2015) into one normalised token (plus a learned position); the agent keeps,
+per environment, a rolling window of the last ``context_len`` tokens (``ContextWindows``);
+causal transformer blocks with tiered MoE feed-forwards (``MoETransformerBlock``) read the
+window, and action and value heads read the last position. At an episode's start the window is filled with its first token, so no
 padding or padding mask is needed and rollouts and PPO updates see identical windows.
 
 Routing modes: ``"token"``, the router sees the token only; ``"env"``, it also sees a learned

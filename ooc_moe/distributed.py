@@ -258,7 +258,8 @@ def train_sharded_layer(num_experts: int = 16, expert_dim: int = 32, hidden_dim:
     """Train a ``ShardedMoELayer`` for ``steps`` on this rank's ``tokens / W`` random tokens
     (a regression to a fixed random map; dense gradients averaged over ranks, as
     ``DistributedDataParallel`` does; each rank's ``ExpertOptimizer`` steps its experts), after
-    ``warmup`` steps that are not counted. Every rank of the group must call it. ``hbm_capacity`` is per rank; DRAM holds the rank's shard.
+    ``warmup`` steps that are not counted. Every rank of the group must call it.
+    ``hbm_capacity`` is per rank; DRAM holds the rank's shard.
     Returns this rank's figures: step and exchange seconds per step, rows sent to each rank
     per step, the loss per step (the mean over ranks) and its store's summary."""
     rank, world = _rank_and_world(group)

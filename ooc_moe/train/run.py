@@ -27,9 +27,10 @@ each evaluation's ``eval/<game>``; ``tensorboard --logdir OUT``), checkpoints
 Under ``torchrun`` (``torch.distributed`` initialised with ``W > 1`` ranks) the run is
 data-parallel with the experts sharded: each rank plays ``num_envs / W`` of the
 environments (seeds offset by rank; batch and minibatches over all ranks are one process's,
-as in CleanRL's ``ppo_atari_multigpu.py``), holds the experts ``e % W == rank`` in a store of its own (``OUT/store/rank-<r>``,
-capacities per rank) and a replica of the dense parameters; every PPO minibatch averages the
-gradients over the ranks (``ooc_moe.distributed``). Rank 0 writes ``metrics.json``, the plots
+as in CleanRL's ``ppo_atari_multigpu.py``), holds the experts ``e % W == rank`` in a store
+of its own (``OUT/store/rank-<r>``, capacities per rank) and a replica of the dense
+parameters; every PPO minibatch averages the gradients over the ranks
+(``ooc_moe.distributed``). Rank 0 writes ``metrics.json``, the plots
 and TensorBoard; the training returns are every rank's, the ``store/*`` figures rank 0's
 shard. The detector and its prefetch plan are single-process (off with ``W > 1``; game
 routing then uses the true game). Checkpoints hold every rank's state and shard and resume
@@ -61,9 +62,9 @@ from tqdm.auto import tqdm
 from ..agent import CNNAgent, CNNAgentConfig, DenseRLAgent, MoERLAgent, MoERLAgentConfig
 from ..detector import DetectorTrainer, EnvironmentDetector, PrefetchPlanner
 from ..distributed import ShardedMoELayer, gather_lists, shard_store, world_info
-from ..moe import TieredMoELayer
 from ..metrics import (cache_figures, experts_per_game, normalized_mutual_information,
                        prefetch_coverage, prefetch_precision)
+from ..moe import TieredMoELayer
 from ..scores import average_final_score, forgetting, human_normalized
 from ..store import TieredExpertStore
 from ..store.stats import LINKS
