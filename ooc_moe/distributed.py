@@ -47,6 +47,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -58,7 +59,7 @@ from .moe.router import RouterOutput
 from .store import TieredExpertStore
 
 __all__ = ["shard_store", "owner_of", "ShardedMoELayer", "train_sharded_layer", "init_from_env",
-           "launch_sharded_layer", "world_info", "any_rank", "gather_lists", "sum_over_ranks",
+           "launch_sharded_layer", "shard_dir", "world_info", "any_rank", "gather_lists", "sum_over_ranks",
            "average_gradients"]
 
 
@@ -137,6 +138,11 @@ def _rank_and_world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def shard_dir(path: str | os.PathLike, group=None) -> Path:
+    """Where this rank keeps its shard under ``path``: ``path/rank-<rank>``."""
+    return Path(path) / f"rank-{_rank_and_world(group)[0]}"
+
+
 def shard_store(num_experts: int, expert_dim: int, hidden_dim: int, hbm_capacity: int,
                 dram_capacity: int, device=None, *, path: str | os.PathLike | None = None,
                 group=None, **store_kw) -> TieredExpertStore:
@@ -155,7 +161,7 @@ def shard_store(num_experts: int, expert_dim: int, hidden_dim: int, hbm_capacity
             raise ValueError(f"{name}={value} is larger than a rank's shard ({num_experts} "
                              f"experts over {world} ranks = {local}): capacities are per rank; "
                              f"use at most {local}")
-    rank_path = None if path is None else os.path.join(path, f"rank-{rank}")
+    rank_path = None if path is None else shard_dir(path, group)
     return TieredExpertStore(local, expert_dim, hidden_dim, hbm_capacity, dram_capacity,
                              device, path=rank_path, init_ids=range(rank, num_experts, world),
                              **store_kw)

@@ -13,7 +13,8 @@ store's file made after ``store.flush()``.
 A job of ``W > 1`` ranks (``torch.distributed``, experts sharded over the ranks) saves with
 ``sharded=True`` on every rank: each rank writes its own state and its store's file into
 ``checkpoint.tmp/rank-<r>/{state.pt, store/}``; once every rank has written (a failure on any
-rank fails them all), rank 0 writes the shared ``state.pt`` (with ``world = W``) last and
+rank fails them all), rank 0 writes the shared ``state.pt`` (with ``world = W``, without
+what each rank keeps in its own) last and
 swaps the directory in as above. A checkpoint resumes only with the world size that wrote it
 (``load_checkpoint`` says so before anything is read into a model).
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..distributed import any_rank, world_info
+from ..distributed import any_rank, shard_dir, world_info
 from ..store.file_tier import DATA_NAME, META_NAME
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "CheckpointError",
@@ -117,13 +118,14 @@ def _save_sharded(run_dir: Path, state: dict, rank_state: dict, store) -> Path:
     try:
         buffer = io.BytesIO()
         torch.save(rank_state, buffer)
-        _write_checkpoint(tmp / f"rank-{rank}", buffer, store)
+        _write_checkpoint(shard_dir(tmp), buffer, store)
     except OSError as err:
         problem = f"rank {rank}: {err.strerror or err}"
     if not any_rank(problem is not None) and rank == 0:
         try:
             buffer = io.BytesIO()
-            torch.save({**state, "world": world}, buffer)
+            shared = {k: v for k, v in state.items() if k not in rank_state}  # each rank's own
+            torch.save({**shared, "world": world}, buffer)
             (tmp / STATE_NAME).write_bytes(buffer.getbuffer())   # last: it completes the whole
             _fsync(tmp / STATE_NAME)
             _fsync(tmp)
@@ -175,7 +177,7 @@ def load_checkpoint(run_dir: str | os.PathLike, store_dir: str | os.PathLike | N
         raise FileNotFoundError(f"no checkpoint in {run_dir}: it holds no checkpoint/"
                                 f"{STATE_NAME} (was the run started with --out {run_dir}?)")
     state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
-    rank, world = world_info()
+    world = world_info()[1]
     saved = state.get("world", 1)
     if saved != world:
         games = state.get("args", {}).get("games", [])
@@ -187,7 +189,7 @@ def load_checkpoint(run_dir: str | os.PathLike, store_dir: str | os.PathLike | N
             f"the checkpoint in {run_dir} was written by {saved} rank(s), each holding its "
             f"shard of the experts, and this job has {world}: resume it with {how}")
     if world > 1:
-        path = path / f"rank-{rank}"
+        path = shard_dir(path)
         state["rank_state"] = torch.load(path / STATE_NAME, map_location="cpu",
                                          weights_only=False)
     if store_dir is not None:

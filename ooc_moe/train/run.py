@@ -61,7 +61,8 @@ from tqdm.auto import tqdm
 
 from ..agent import CNNAgent, CNNAgentConfig, DenseRLAgent, MoERLAgent, MoERLAgentConfig
 from ..detector import DetectorTrainer, EnvironmentDetector, PrefetchPlanner
-from ..distributed import ShardedMoELayer, gather_lists, shard_store, world_info
+from ..distributed import (ShardedMoELayer, gather_lists, shard_dir, shard_store,
+                           world_info)
 from ..metrics import (cache_figures, experts_per_game, normalized_mutual_information,
                        prefetch_coverage, prefetch_precision)
 from ..moe import TieredMoELayer
@@ -159,9 +160,9 @@ def build_agent(args: TrainArgs, store_dir: Path | None = None, *, reopen: bool 
         return CNNAgent(config, args.device)
     if args.baseline == "dense":
         return DenseRLAgent(config, args.device)
-    rank, world = world_info()
+    world = world_info()[1]
     if reopen:
-        path = Path(store_dir) / f"rank-{rank}" if world > 1 else store_dir
+        path = shard_dir(store_dir) if world > 1 else store_dir
         store = TieredExpertStore.open(path, args.device, hbm_capacity=config.hbm_cap,
                                        dram_capacity=config.dram_cap,
                                        num_experts=config.num_experts // world,
@@ -269,7 +270,7 @@ class _Run:
             if self.dir is None:
                 raise ValueError("resuming needs the run's directory (out=...)")
             saved = load_checkpoint(self.dir, store_dir if store_dir is None or self.world == 1
-                                    else store_dir / f"rank-{self.rank}")
+                                    else shard_dir(store_dir))
         elif self.dir is not None and find_checkpoint(self.dir) is not None:
             raise ValueError(f"{self.dir} holds a checkpoint of an earlier run: resume it with "
                              f"--resume {self.dir}, or choose another --out")
