@@ -14,8 +14,7 @@ A job of ``W > 1`` ranks (``torch.distributed``, experts sharded over the ranks)
 ``sharded=True`` on every rank: each rank writes its own state and its store's file into
 ``checkpoint.tmp/rank-<r>/{state.pt, store/}``; once every rank has written (a failure on any
 rank fails them all), rank 0 writes the shared ``state.pt`` (with ``world = W``, without
-what each rank keeps in its own) last and
-swaps the directory in as above. A checkpoint resumes only with the world size that wrote it
+what each rank keeps in its own) last and swaps the directory in as above. A checkpoint resumes only with the world size that wrote it
 (``load_checkpoint`` says so before anything is read into a model).
 """
 
