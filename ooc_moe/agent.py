@@ -192,7 +192,7 @@ class NatureCNN(nn.Module):
             init(nn.Linear(64 * 7 * 7, dim)), nn.ReLU())
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.net(obs.float() / 255.0)
+        return self.net(obs.to(torch.float32, copy=True).div_(255.0))   # never the caller's
 
 
 class ContextWindows:

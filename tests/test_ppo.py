@@ -207,8 +207,9 @@ def test_minibatches_must_split_the_envs_or_the_batch():
 def test_random_minibatches_with_a_window_gather_every_steps_window(monkeypatch):
     """A windowed agent's random minibatches: a random partition of all (step, env) pairs,
     each with the window the environment-ordered path rebuilds for it; only the newest token
-    carries the encoder's gradient, and in rollout order the first update sees the rollout's
-    policy."""
+    carries the encoder's gradient; the first epoch takes the older tokens from the rollout
+    (encoding just the prefix frames again), and in rollout order the first update sees the
+    rollout's policy."""
     torch.manual_seed(0)
     agent = MoERLAgentConfig(**SMALL).create_agent("cpu")
     trainer = PPOTrainer(agent, PPOArgs(num_envs=2, num_steps=6, num_minibatches=3,
@@ -217,7 +218,15 @@ def test_random_minibatches_with_a_window_gather_every_steps_window(monkeypatch)
     state = trainer.start(env, 0)
     trainer.collect(env, state, 0)
     trainer.collect(env, state, 0)    # windows reach into the prefix
+    encoded = []                              # batch sizes the encoder sees
+    original = agent.encode
+    agent.encode = lambda obs: encoded.append(len(obs)) or original(obs)
+    first = list(trainer.minibatches(first_epoch=True))
+    assert encoded == [2 * 2] + [4] * 3       # the 2 prefix frames of 2 envs, then the newest
+    encoded.clear()
     batches = list(trainer.minibatches())
+    assert sum(encoded) == 8 * 2 + 12         # every frame again, then the newest
+    agent.encode = original
     inds = torch.cat([i for i, _ in batches])
     assert [len(i) for i, _ in batches] == [4, 4, 4]
     assert sorted(inds.tolist()) == list(range(12)) and inds.tolist() != list(range(12))
@@ -229,7 +238,7 @@ def test_random_minibatches_with_a_window_gather_every_steps_window(monkeypatch)
         (env_inds, reference), = trainer.minibatches()   # every step, step-major
     trainer.args.minibatches = "random"
     assert env_inds.tolist() == list(range(12))
-    for mb_inds, windows in batches:
+    for mb_inds, windows in batches + first:  # the rollout's tokens are today's encodings
         assert windows.shape == (4, 3, 16)
         torch.testing.assert_close(windows, reference[mb_inds])
     mb_inds, windows = batches[0]

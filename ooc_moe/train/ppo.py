@@ -11,7 +11,9 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
   environments: each window's newest observation is encoded with the encoder's gradient, its
   older ones come from a no-grad encoding of the rollout's frames made at the start of each
   epoch (the encoder still learns from every frame, as the newest token of its own step), so
-  an epoch costs one encoder backward per step, as CleanRL's, plus one forward per frame.
+  an epoch costs one encoder backward per step, as CleanRL's, plus one forward per frame; the
+  first epoch's are the tokens the rollout encoded (the same parameters), so only its
+  ``context_len - 1`` prefix frames per environment are encoded again.
   ``minibatches="env"`` draws them by *environment* (as CleanRL's ``ppo_atari_lstm.py``): a
   minibatch is ``num_envs / num_minibatches`` environments' whole rollouts, every token of
   every window with the encoder's gradient; an agent without a window (``context_len == 1``:
@@ -93,7 +95,8 @@ class PPOArgs:
 class RolloutBuffer:
     """One rollout per environment, plus the ``context_len - 1`` frames before it."""
 
-    def __init__(self, args: PPOArgs, obs_shape: tuple, context_len: int, device) -> None:
+    def __init__(self, args: PPOArgs, obs_shape: tuple, context_len: int, device,
+                 token_dim: int = 0) -> None:
         S, N, P = args.num_steps, args.num_envs, context_len - 1
         self.prefix = P
         self.frames = torch.zeros((P + S, N, *obs_shape), dtype=torch.uint8)   # on the host
@@ -104,6 +107,8 @@ class RolloutBuffer:
         self.dones = torch.zeros(S, N, device=device)
         self.values = torch.zeros(S, N, device=device)
         self.games = torch.zeros(S, N, dtype=torch.long, device=device)  # routed with
+        # with a window, the rollout's encodings of its frames (the first epoch's older tokens)
+        self.tokens = torch.zeros(S, N, token_dim, device=device) if P else None
 
     def roll_prefix(self) -> None:
         """Keep the last frames of this rollout as the prefix of the next one."""
@@ -146,7 +151,8 @@ class PPOTrainer:
         self.detector_updates = detector_updates
         cfg = agent.config
         self.obs_shape = (cfg.obs_shape[0] * cfg.frame_stack, *cfg.obs_shape[1:])
-        self.buffer = RolloutBuffer(args, self.obs_shape, agent.context_len, self.device)
+        self.buffer = RolloutBuffer(args, self.obs_shape, agent.context_len, self.device,
+                                    agent.token_dim)
         self.windows = ContextWindows(args.num_envs, agent.context_len, agent.token_dim,
                                       self.device)
         # per MoE layer, [games, experts] counts of the rollouts' routing, and router entropy
@@ -217,6 +223,8 @@ class PPOTrainer:
             b.games[step] = games if routed is None else routed  # the update routes the same
             action, logprob, value, routing = self.act(
                 obs_device, state["new_episode"].to(self.device), games, routing_games=routed)
+            if b.tokens is not None:
+                b.tokens[step] = self.windows.tokens[:, -1]
             self.count_routing(routing, games, self.routing_counts)
             if routing:
                 self.router_entropies.append(router_entropy(routing[-1].router_logits))
@@ -268,10 +276,12 @@ class PPOTrainer:
             advantages[t] = lastgaelam
         return advantages, advantages + b.values
 
-    def minibatches(self):
+    def minibatches(self, first_epoch: bool = False):
         """One epoch's minibatches: ``(mb_inds, windows)``, ``mb_inds`` into the flattened
         ``[num_steps * num_envs]`` (step-major) buffers, ``windows [len(mb_inds), T, dim]``
-        encoded with the current encoder (``PPOArgs.minibatches`` says how they are drawn)."""
+        encoded with the current encoder (``PPOArgs.minibatches`` says how they are drawn).
+        ``first_epoch``: the parameters are still the rollout's, so random minibatches take the
+        older tokens of the rollout's own frames from ``buffer.tokens``."""
         args, b, agent = self.args, self.buffer, self.agent
         S, N, T = args.num_steps, args.num_envs, agent.context_len
         index = b.window_index(T)                                     # [S, N, T]
@@ -279,10 +289,14 @@ class PPOTrainer:
             frames = b.frames.flatten(0, 1)                  # [(P+S)*N, C, H, W], frame-major
             keys = (index * N + torch.arange(N)[None, :, None]).flatten(0, 1)   # [S*N, T]
             older = None
-            if T > 1:                      # every frame once, without gradient, per epoch
+            if T > 1:         # every frame once per epoch, without gradient (but the first)
                 with torch.no_grad():
-                    older = torch.cat([agent.encode(f.to(self.device))
-                                       for f in frames.split(args.minibatch_size)])
+                    encode = frames[:b.prefix * N] if first_epoch else frames
+                    older = [agent.encode(f.to(self.device))
+                             for f in encode.split(args.minibatch_size)]
+                    if first_epoch:
+                        older.append(b.tokens.flatten(0, 1))
+                    older = torch.cat(older)
             for mb_inds in torch.randperm(args.batch_size).split(args.minibatch_size):
                 yield mb_inds, self._windows_of(frames, keys[mb_inds], older)
             return
@@ -313,8 +327,8 @@ class PPOTrainer:
         b_advantages, b_returns, b_games = (advantages.flatten(), returns.flatten(),
                                             b.games.flatten())
         clipfracs, grad_norms = [], []
-        for _ in range(args.update_epochs):
-            for mb_inds, windows in self.minibatches():
+        for epoch in range(args.update_epochs):
+            for mb_inds, windows in self.minibatches(first_epoch=epoch == 0):
                 mb_inds = mb_inds.to(self.device)
                 logits, newvalue, aux = agent(
                     windows, b_games[mb_inds] if agent.routes_by_game else None)
