@@ -15,7 +15,8 @@ from matplotlib.collections import PolyCollection  # noqa: E402
 from ooc_moe.agent import DenseRLAgent, MoERLAgentConfig  # noqa: E402
 from ooc_moe.envs import make_synthetic  # noqa: E402
 from ooc_moe.train import EvalArgs, PPOArgs, TrainArgs, train_run  # noqa: E402
-from ooc_moe.viz import (layer_routing_counts, one_rollout, plot_layer_routing,  # noqa: E402
+from ooc_moe.viz import (last_episodes_return, layer_routing_counts,  # noqa: E402
+                         one_rollout, plot_layer_routing, plot_learning_by_kind,
                          plot_learning_curve, plot_param_budget, plot_rollout_routing,
                          plot_store_history, position_routing_counts, summarize_history)
 from ooc_moe.store.stats import LINKS  # noqa: E402
@@ -221,6 +222,34 @@ def test_learning_curve_of_several_runs_and_games():
 def test_learning_curve_of_a_dense_run_says_there_is_no_store():
     fig = plot_learning_curve(history(store=False))
     assert "no expert store" in fig.axes[1].texts[0].get_text()
+
+
+def test_last_episodes_return_is_the_learning_tables_measure_along_the_run():
+    h = history(updates=5)                  # 0, 1, 2, 3, 4 episodes: 10 of them
+    returns = [r for u in h for r in u["charts/episodic_returns"]]
+    steps, means = last_episodes_return(h, last=4)
+    assert steps.tolist() == [200, 300, 400, 500]
+    assert means == pytest.approx([returns[0], np.mean(returns[:3]), np.mean(returns[2:6]),
+                                   np.mean(returns[6:])])
+
+
+def test_learning_by_kind_averages_the_seeds_of_each_kind():
+    runs = {"cnn-seed1": {"history": history(seed=1)},
+            "cnn-seed2": {"history": history(updates=3, seed=2)},   # stopped early
+            "dense-cleanrl-seed1": {"history": history(batch=50, seed=3)}}
+    ax = plot_learning_by_kind(runs, random_return=1.5, last=2).axes[0]
+    one, two = (last_episodes_return(runs[f"cnn-seed{s}"]["history"], 2) for s in (1, 2))
+    x, y = line_data(ax, "cnn (2 seeds)")
+    assert x.tolist() == [200, 300]                             # the steps both reached
+    assert y == pytest.approx((one[1][:2] + two[1]) / 2)
+    x, y = line_data(ax, "dense-cleanrl (1 seed)")
+    assert x.tolist() == [100, 150, 200]
+    assert y == pytest.approx(last_episodes_return(runs["dense-cleanrl-seed1"]["history"],
+                                                   2)[1])
+    assert line_data(ax, "random")[1][0] == 1.5
+    [band, _] = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert band.get_paths()[0].vertices[:, 1].max() == pytest.approx(max(one[1][:2].max(),
+                                                                         two[1].max()))
 
 
 def test_store_history_panels():

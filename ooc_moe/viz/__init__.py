@@ -10,9 +10,10 @@ a notebook run does not see errors raised inside a callback.
 
 from ..metrics import prefetch_scores  # notebook 03 scores plans with it beside the plots
 from ._common import CLAIMED_HIT_RATE, TIER_COLOURS
-from .agent import (layer_routing_counts, one_rollout, plot_layer_routing, plot_learning_curve,
-                    plot_param_budget, plot_rollout_routing, plot_store_history,
-                    plot_tier_history, position_routing_counts, summarize_history)
+from .agent import (last_episodes_return, layer_routing_counts, one_rollout, plot_layer_routing,
+                    plot_learning_by_kind, plot_learning_curve, plot_param_budget,
+                    plot_rollout_routing, plot_store_history, plot_tier_history,
+                    position_routing_counts, summarize_history)
 from .detector import (PREFETCH_CHOICES, detector_expert_map, frame_moe_run, frames_trace,
                        plot_cache_explorer, plot_confusion, plot_detector_experts, plot_frames,
                        plot_game_expert_maps, prefetch_sets, routing_summary, show_trace_cache,
@@ -37,7 +38,8 @@ __all__ = ["TIER_COLOURS", "CLAIMED_HIT_RATE", "plot_tier_map", "cache_explorer"
            "trace_cache_widget",
            "plot_param_budget", "layer_routing_counts", "position_routing_counts",
            "plot_layer_routing", "one_rollout", "plot_rollout_routing", "plot_tier_history",
-           "plot_learning_curve", "plot_store_history", "summarize_history",
+           "plot_learning_curve", "plot_learning_by_kind", "last_episodes_return",
+           "plot_store_history", "summarize_history",
            "plot_retention", "plot_forgetting", "plot_hit_rate_over_time",
            "plot_game_expert_usage", "save_run_plots", "show_sequential_run",
            "plot_game_over_stages", "sequential_results_widget"]

@@ -18,7 +18,7 @@ from ..agent import ContextWindows, MoERLAgent, MoERLAgentConfig
 from ..store.stats import LINKS
 from ..threads import one_thread
 from ._common import (BOUNDARY_COLOUR, CLAIMED_HIT_RATE, LINK_COLOURS, TIER_COLOURS,
-                      TIER_LABELS, link_label)
+                      TIER_LABELS, link_label, run_kind)
 
 
 def _named(items, kind: type, name: str) -> dict:
@@ -269,6 +269,51 @@ def plot_learning_curve(runs: Sequence[dict] | Mapping[str, Sequence[dict]],
               title="(a) return")
     curve.legend(fontsize=8, loc="upper left")
     plot_tier_history(tiers, runs)
+    return fig
+
+
+def last_episodes_return(history: Sequence[dict], last: int = 100
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """After each update that finished an episode: its ``global_step`` and the mean return of
+    the ``last`` training episodes finished by then (fewer at first): the measure of the
+    ``learning`` table's last column, along the run."""
+    steps, means, returns = [], [], []
+    for h in history:
+        if h["charts/episodic_returns"]:
+            returns += h["charts/episodic_returns"]
+            steps.append(h["global_step"])
+            means.append(np.mean(returns[-last:]))
+    return np.array(steps, dtype=float), np.array(means, dtype=float)
+
+
+def plot_learning_by_kind(runs: Mapping[str, dict], random_return: float | None = None,
+                          last: int = 100) -> Figure:
+    """Per kind of run (``run_kind`` of each name: seeds of one agent), the mean return of the
+    ``last`` training episodes along the steps (``last_episodes_return``): the mean over the
+    seeds (on the steps all of them reached) as a line, their range shaded, each seed a
+    thin line. ``runs``: name -> ``metrics.json``; ``random_return`` a dashed line."""
+    kinds: dict[str, list] = {}
+    for name, metrics in sorted(runs.items()):
+        kinds.setdefault(run_kind(name), []).append(last_episodes_return(metrics["history"],
+                                                                         last))
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    colours = ["#264653", "#e76f51", "#8ab17d", "#6c757d", "#9d0208", "#2a9d8f"]
+    for (kind, curves), colour in zip(kinds.items(), colours * len(kinds)):
+        for steps, means in curves:
+            ax.plot(steps, means, color=colour, linewidth=0.6, alpha=0.5)
+        grid = curves[0][0][curves[0][0] <= min(steps[-1] for steps, _ in curves)]
+        seeds = np.array([np.interp(grid, steps, means) for steps, means in curves])
+        ax.fill_between(grid, seeds.min(0), seeds.max(0), color=colour, alpha=0.15)
+        ax.plot(grid, seeds.mean(0), color=colour, linewidth=2,
+                label=f"{kind} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+    if random_return is not None:
+        ax.axhline(random_return, color="grey", linestyle="--", linewidth=1,
+                   label=f"random ({random_return:.4g})")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.set(xlabel="environment steps (global_step)",
+           ylabel=f"mean return, last {last} episodes",
+           title=f"training return (last {last} episodes): mean over seeds, range shaded")
+    ax.legend(fontsize=8, loc="upper left")
     return fig
 
 

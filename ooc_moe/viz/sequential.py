@@ -13,14 +13,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..metrics import normalized_mutual_information
+from ._common import run_kind
 from .agent import plot_tier_history
 
 
 RUN_COLOURS = {"token": "#264653", "env": "#2a9d8f", "dense": "#e76f51"}
-
-
-def _kind(name: str) -> str:
-    return name.rsplit("-seed", 1)[0]
 
 
 def _column_scaled(matrices: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -170,7 +167,7 @@ def plot_game_over_stages(results: Mapping[str, dict], game: str) -> Figure:
     labels = ["untrained"] + [f"after {g}" for g in games]
     for name, m in results.items():
         scores = [m["initial"][col]] + [row[col] for row in m["retention"]]
-        ax.plot(labels, scores, "o-", color=RUN_COLOURS.get(_kind(name), "#6c757d"),
+        ax.plot(labels, scores, "o-", color=RUN_COLOURS.get(run_kind(name), "#6c757d"),
                 alpha=0.8, label=name)
     ax.axvspan(col + 0.5, col + 1.5, color="#e9c46a", alpha=0.3, label=f"{game}'s own stage")
     ax.set(ylabel=f"{game} score", title=f"{game} through the sequence")
