@@ -140,6 +140,25 @@ def test_the_update_routes_with_the_game_the_rollout_used():
     agent.store.shutdown()
 
 
+def test_each_update_logs_the_share_of_observations_routed_with_the_game(monkeypatch):
+    """``routing/routed_with_game``: 1 while routing names the game being played; a detector
+    that sends environment 0 to game 0 throughout costs the second game a quarter of 4."""
+    from ooc_moe.train.ppo import PPOTrainer
+
+    def first_env_to_game_0(self, obs, games):
+        routed = games.clone()
+        routed[0] = 0
+        return routed
+
+    monkeypatch.setattr(PPOTrainer, "routing_games", first_env_to_game_0)
+    metrics = train(TrainArgs(**TINY), progress=False)
+    per_game = {g: [h["routing/routed_with_game"] for h in metrics["history"] if h["game"] == g]
+                for g in TINY["games"]}
+    assert per_game == {"synthetic-0": [1.0] * 1, "synthetic-1": [0.75] * 1}
+    assert metrics["routed_with_game"] == [1.0, 0.75]
+    metrics["agent"].store.shutdown()
+
+
 def test_cohorts_survive_checkpoint_and_resume(tmp_path, monkeypatch):
     args = replace(TrainArgs(**TINY), games=("synthetic-1", "synthetic-0"))
     whole = train(replace(args, out=str(tmp_path / "whole")), progress=False)

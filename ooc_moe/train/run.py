@@ -10,7 +10,10 @@ retention matrix.
 Each update logs CleanRL's charts and losses plus the store's ``store/*`` figures (hit rate
 per tier, prefetch precision and coverage, bytes per link; ``store/phases``: the counters of
 each phase, ``rollout``, ``update`` and ``optimizer``), the normalised mutual information
-between game and expert choice and the router entropy. ``metrics.json`` sums them into
+between game and expert choice and the router entropy; for agents that route by game
+(``env``, ``cohort``), ``routing/routed_with_game``: the share of the rollout's observations
+routed with the game being played (the online detector's accuracy while acting; below 1, the
+update trains another game's experts on this game). ``metrics.json`` sums them into
 ``cache`` (per phase, ``eval`` included: ``hbm_hit_rate``, ``prefetch_precision``,
 ``prefetch_coverage``, ``stall_seconds``, bytes per link; the vocabulary of
 ``ooc_moe.store.stats``) and ``bytes_per_update`` (update and optimizer phases); with
@@ -445,6 +448,9 @@ class _Run:
                         table[:game_index + 1])
                     logs["routing/router_entropy"] = float(np.mean(trainer.router_entropies[
                         -args.ppo.num_steps:]))
+                if agent.routes_by_game:    # the detector's game while acting, as the update
+                    logs["routing/routed_with_game"] = float(
+                        (trainer.buffer.games == game_index).float().mean())
                 self.history.append(logs)
                 self.log_update(logs)
                 self.iteration = it + 1
@@ -580,6 +586,8 @@ def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> 
             _add_counters(by_phase, h.get("store/phases", {}))
         metrics["cache"] = _cache_summary(_add_counters(by_phase, run.eval_counters),
                                           len(history))
+    if history and "routing/routed_with_game" in history[-1]:
+        metrics["routed_with_game"] = [h["routing/routed_with_game"] for h in history]
     metrics.update(run.replays)
     if run.planner is not None:
         metrics["planner"] = run.planner.summary()
