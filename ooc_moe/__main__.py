@@ -203,8 +203,8 @@ def _train(args: argparse.Namespace, atari: bool) -> None:
               f"game-expert NMI per layer (final agent) "
               f"{', '.join(f'{v:.3f}' for v in metrics['mutual_information'])}")
     if "routed_with_game" in metrics:
-        routed = [np.mean([r for h, r in zip(history, metrics["routed_with_game"])
-                           if h["game"] == game]) for game in train_args.games]
+        routed = [np.mean([h["routing/routed_with_game"] for h in history if h["game"] == game])
+                  for game in train_args.games]
         print("  routed with the game being played (the detector's game while acting): "
               + ", ".join(f"{game} {r:.1%}" for game, r in zip(train_args.games, routed)))
     if train_args.out:

@@ -33,7 +33,7 @@ import numpy as np
 from .envs.synthetic import EPISODE_STEPS, NUM_ACTIONS, is_synthetic
 
 __all__ = ["HUMAN_SCORES", "reference_scores", "human_normalized", "forgetting",
-           "average_final_score", "aggregate_scores"]
+           "average_final_score", "aggregate_scores", "run_kind"]
 
 # game: (random, human), the table of Badia et al. (2020), Agent57, appendix H
 HUMAN_SCORES: dict[str, tuple[float, float]] = {
@@ -44,6 +44,12 @@ HUMAN_SCORES: dict[str, tuple[float, float]] = {
     "space_invaders": (148.0, 1668.7), "seaquest": (68.4, 42054.7), "enduro": (0.0, 860.5),
     "ms_pacman": (307.3, 6951.6),
 }
+
+
+def run_kind(name: str) -> str:
+    """The kind of a run from its directory's name, the seeds of one agent grouped:
+    ``dense-cleanrl-seed2`` -> ``dense-cleanrl`` (the name before ``-seed``)."""
+    return name.rsplit("-seed", 1)[0]
 
 
 def reference_scores(game: str) -> tuple[float, float] | None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from ..scores import aggregate_scores
+from ..scores import aggregate_scores, run_kind
 from .checkpoint import find_checkpoint
 from .run import TrainArgs, train
 
@@ -150,7 +150,7 @@ def summarize(results: Mapping[str, dict]) -> dict:
     rliable's stratified-bootstrap intervals), store figures, SPS."""
     by_kind: dict[str, list[dict]] = {}
     for name, metrics in results.items():
-        by_kind.setdefault(name.rsplit("-seed", 1)[0], []).append(metrics)
+        by_kind.setdefault(run_kind(name), []).append(metrics)
     summary = {}
     for kind, runs in by_kind.items():
         forgetting = np.array([m["forgetting"] for m in runs])
@@ -361,7 +361,7 @@ def learning_table(runs: Mapping[str, dict], at: int) -> dict[str, dict]:
             figures = early_learning(metrics["history"], at)
         except ValueError:
             continue
-        by_kind.setdefault(name.rsplit("-seed", 1)[0], []).append((metrics, figures))
+        by_kind.setdefault(run_kind(name), []).append((metrics, figures))
     table = {}
     for kind, rows in by_kind.items():
         entry = {"seeds": [m["args"]["seed"] for m, _ in rows], "command": rows[0][0]["command"]}
@@ -399,7 +399,7 @@ def cache_table(runs: Mapping[str, dict]) -> dict[str, dict]:
     by_kind: dict[str, list] = {}
     for name, m in sorted(runs.items()):
         if "belady" in m:
-            by_kind.setdefault(name.rsplit("-seed", 1)[0], []).append(m)
+            by_kind.setdefault(run_kind(name), []).append(m)
     table = {}
     for kind, rows in by_kind.items():
         def mean(get) -> float:

@@ -1,4 +1,4 @@
-"""What the plots of several notebooks share: tier and link colours, the kind of a run."""
+"""What the plots of several notebooks share: tier and link colours."""
 
 from __future__ import annotations
 
@@ -13,9 +13,3 @@ LINK_COLOURS = {"file_to_dram": "#6c757d", "dram_to_hbm": "#2a9d8f", "hbm_to_dra
 
 def link_label(link: str) -> str:
     return link.replace("_to_", "→").replace("dram", "DRAM").replace("hbm", "HBM")
-
-
-def run_kind(name: str) -> str:
-    """The kind of a run from its directory's name: ``dense-cleanrl-seed2`` -> ``dense-cleanrl``
-    (the name before ``-seed``, as ``experiment`` and ``learning`` group runs)."""
-    return name.rsplit("-seed", 1)[0]

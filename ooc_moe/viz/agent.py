@@ -4,6 +4,7 @@ and store figures."""
 from __future__ import annotations
 
 import time
+from itertools import cycle
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -15,10 +16,11 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from ..agent import ContextWindows, MoERLAgent, MoERLAgentConfig
+from ..scores import run_kind
 from ..store.stats import LINKS
 from ..threads import one_thread
 from ._common import (BOUNDARY_COLOUR, CLAIMED_HIT_RATE, LINK_COLOURS, TIER_COLOURS,
-                      TIER_LABELS, link_label, run_kind)
+                      TIER_LABELS, link_label)
 
 
 def _named(items, kind: type, name: str) -> dict:
@@ -297,8 +299,8 @@ def plot_learning_by_kind(runs: Mapping[str, dict], random_return: float | None 
         kinds.setdefault(run_kind(name), []).append(last_episodes_return(metrics["history"],
                                                                          last))
     fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
-    colours = ["#264653", "#e76f51", "#8ab17d", "#6c757d", "#9d0208", "#2a9d8f"]
-    for (kind, curves), colour in zip(kinds.items(), colours * len(kinds)):
+    colours = cycle(["#264653", "#e76f51", "#8ab17d", "#6c757d", "#9d0208", "#2a9d8f"])
+    for (kind, curves), colour in zip(kinds.items(), colours):
         for steps, means in curves:
             ax.plot(steps, means, color=colour, linewidth=0.6, alpha=0.5)
         grid = curves[0][0][curves[0][0] <= min(steps[-1] for steps, _ in curves)]

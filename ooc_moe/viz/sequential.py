@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..metrics import normalized_mutual_information
-from ._common import run_kind
+from ..scores import run_kind
 from .agent import plot_tier_history
 
 
