@@ -140,7 +140,8 @@ def _train_args(args: argparse.Namespace, atari: bool) -> "TrainArgs":
         hbm_capacity=args.hbm_capacity, dram_capacity=args.dram_capacity,
         load_balance_coef=args.load_balance_coef, balance=args.balance,
         balance_horizon=args.balance_horizon, cohort_size=args.cohort_size,
-        encoder_init=args.encoder_init, detector=args.detector, trace=args.trace,
+        encoder_init=args.encoder_init, action_mask=args.action_mask, detector=args.detector,
+        trace=args.trace,
         checkpoint_every=args.checkpoint_every, ppo=PPOArgs(**ppo),
         eval=EvalArgs(episodes=args.eval_episodes, max_steps=args.eval_max_steps,
                       seed=args.eval_seed))
@@ -322,6 +323,9 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
     run.add_argument("--baseline", choices=["moe", "dense", "cnn"], default="moe",
                      help="moe: the MoE agent; dense: its dense twin (same active "
                           "parameters); cnn: CleanRL's ppo_atari.py agent (no window)")
+    run.add_argument("--action_mask", choices=["none", "legal"], default="none",
+                     help="none: the policy picks from all 18 actions in every game; legal: "
+                          "from the played game's minimal action set (as CleanRL plays it)")
     run.add_argument("--seed", type=int, default=1,
                      help="seeds python, numpy, torch and the environments")
     run.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")

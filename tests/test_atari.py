@@ -2,8 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 
-from ooc_moe.envs import ATARI_DEFAULTS, collect_frames, make_atari, normalize_game_name
+from ooc_moe.envs import (ATARI_DEFAULTS, collect_frames, make_atari, minimal_actions,
+                          normalize_game_name)
+from ooc_moe.train import action_masks
 
 
 @pytest.mark.parametrize("game", ["pong", "breakout"])
@@ -78,3 +81,21 @@ def test_collect_frames_bad_input(kwargs, message):
     args = dict(games=["pong"], frames_per_game=4) | kwargs
     with pytest.raises(ValueError, match=message):
         collect_frames(args.pop("games"), args.pop("frames_per_game"), **args)
+
+
+def test_minimal_actions_are_the_games_own_action_set_in_the_full_space():
+    """ALE's action meanings: Breakout plays NOOP, FIRE, RIGHT, LEFT (0, 1, 3, 4), Pong adds
+    RIGHTFIRE, LEFTFIRE (11, 12); as many as the env offers without the full action space."""
+    assert minimal_actions("Breakout") == [0, 1, 3, 4]
+    assert minimal_actions("ALE/Pong-v5") == [0, 1, 3, 4, 11, 12]
+    for game in ("breakout", "pong", "freeway"):
+        env = make_atari(game, 1, full_action_space=False)
+        assert len(minimal_actions(game)) == env.single_action_space.n
+        env.close()
+
+
+def test_action_masks_hold_each_games_legal_actions_and_all_of_a_synthetic_one():
+    masks = action_masks(["breakout", "synthetic-0"], 18)
+    assert masks.dtype == torch.bool and masks.shape == (2, 18)
+    assert masks[0].nonzero().flatten().tolist() == [0, 1, 3, 4]
+    assert masks[1].all()

@@ -122,9 +122,10 @@ def test_ppo_and_evaluation_flags_reach_the_run(tmp_path):
     result = run("train", "--games", "synthetic-0", "--steps_per_game", "64", "--baseline",
                  "cnn", "--learning_rate", "1e-3", "--no-anneal_lr", "--update_epochs", "1",
                  "--max_grad_norm", "0.25", "--target_kl", "0.02", "--eval_seed", "7",
-                 "--out", str(tmp_path), *TINY)
+                 "--action_mask", "legal", "--out", str(tmp_path), *TINY)
     assert result.returncode == 0, result.stderr
     args = json.loads((tmp_path / "metrics.json").read_text())["args"]
+    assert args["action_mask"] == "legal"
     assert (args["ppo"]["learning_rate"], args["ppo"]["anneal_lr"], args["ppo"]["update_epochs"],
             args["ppo"]["max_grad_norm"], args["ppo"]["target_kl"], args["eval"]["seed"]) == \
         (1e-3, False, 1, 0.25, 0.02, 7)

@@ -126,6 +126,49 @@ def test_the_first_minibatch_reproduces_the_rollout_policy(monkeypatch):
     agent.store.shutdown()
 
 
+def test_masked_actions_stay_in_the_played_games_set_in_rollout_and_update(monkeypatch):
+    """With ``action_masks`` the rollout samples only the played game's actions, its
+    log-probabilities are the softmax over those actions alone (a hand computation), the
+    update sees the same policy (ratio 1) and its entropy is at most log(legal actions)."""
+    import ooc_moe.train.ppo as ppo
+    monkeypatch.setattr(ppo.torch, "randperm", lambda n: torch.arange(n))
+    torch.manual_seed(0)
+    legal = [0, 1, 3, 4]
+    masks = torch.zeros(2, 18, dtype=torch.bool)
+    masks[0, legal] = True
+    masks[1] = True
+    args = PPOArgs(num_envs=2, num_steps=16, num_minibatches=1, update_epochs=1)
+    agent = CNNAgent(CNNAgentConfig(num_envs=2), "cpu")
+    with torch.no_grad():
+        agent.actor.bias[5] = 20.0            # unmasked, nearly every action would be 5
+    trainer = PPOTrainer(agent, args, action_masks=masks)
+    env = FixedEnv(2)
+    state = trainer.start(env, 0)
+    trainer.collect(env, state, 0)
+    b = trainer.buffer
+    assert set(b.actions.flatten().tolist()) <= set(legal)
+    assert (b.played == 0).all()
+    seen, original = [], agent.forward
+
+    def spy(windows, games=None):
+        out = original(windows, games)
+        seen.append(out[0].detach())
+        return out
+
+    agent.forward = spy
+    adv, ret = trainer.advantages(state["next_value"], state["new_episode"].float())
+    logs = trainer.update(adv, ret)
+    by_hand = torch.log_softmax(seen[0][:, legal], -1)
+    position = torch.tensor([legal.index(a) for a in b.actions.flatten().tolist()])
+    torch.testing.assert_close(by_hand[torch.arange(len(position)), position],
+                               b.logprobs.flatten())
+    assert logs["losses/approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < logs["losses/entropy"] <= np.log(len(legal)) + 1e-6
+    played = torch.ones(len(seen[0]), dtype=torch.long)       # game 1: every action
+    torch.testing.assert_close(trainer.policy(seen[0], played).logits,
+                               torch.distributions.Categorical(logits=seen[0]).logits)
+
+
 def test_cnn_minibatches_are_cleanrls_random_steps_and_reproduce_the_rollout(monkeypatch):
     """Without a window, each epoch's minibatches are a random partition of all (step, env)
     pairs, as CleanRL's; in rollout order, the first update sees the rollout's policy."""

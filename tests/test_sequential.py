@@ -12,6 +12,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from gymnasium.spaces import Discrete
 
 matplotlib.use("Agg")
 
@@ -93,6 +94,31 @@ def test_an_untrained_agent_scores_about_zero_under_a_capped_evaluation():
     # a synthetic game: random play earns 200/18 a 200-step episode, the optimum 200
     assert average_final_score(r, ["pong", "synthetic-1"]) == pytest.approx(
         (0.0 + 100 * (12.1 - 200 / 18) / (200 - 200 / 18)) / 2)
+
+
+def test_random_play_picks_among_the_actions_it_is_given():
+    """All of the env's actions by default; with ``actions`` (a masked agent's legal set)
+    only those, uniformly."""
+    class Recorder:
+        single_action_space = Discrete(18)
+
+        def __init__(self):
+            self.actions, self.t = [], 0
+
+        def reset(self):
+            return None, {}
+
+        def step(self, action):
+            self.actions.extend(action.tolist())
+            self.t += 1
+            done = np.full(len(action), self.t == 400)
+            return None, np.zeros(len(action)), done, np.zeros(len(action), bool), {}
+
+    args = EvalArgs(episodes=4, max_steps=500)
+    for actions, expected in ((None, set(range(18))), ([0, 1, 3, 4], {0, 1, 3, 4})):
+        env = Recorder()
+        result = evaluate_random(env, args, actions)
+        assert set(env.actions) == expected and result["steps"] == 400
 
 
 def test_aggregate_scores_are_rliables_iqm_and_mean_with_repeatable_intervals():

@@ -2,12 +2,12 @@
 games with the same interface for fast tests."""
 
 from .atari import (ATARI_DEFAULTS, DEFAULT_GAMES, available_games, collect_frames, make_atari,
-                    normalize_game_name)
+                    minimal_actions, normalize_game_name)
 from .synthetic import (SyntheticAtari, make_synthetic, optimal_policy_return, oracle_action,
                         parse_synthetic_game, random_policy_return, synthetic_game_names)
 
 __all__ = ["ATARI_DEFAULTS", "DEFAULT_GAMES", "available_games", "collect_frames", "make_atari",
-           "normalize_game_name"]
+           "minimal_actions", "normalize_game_name"]
 
 __all__ += ["SyntheticAtari", "make_synthetic", "optimal_policy_return", "oracle_action",
             "parse_synthetic_game", "random_policy_return", "synthetic_game_names"]

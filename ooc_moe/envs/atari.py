@@ -24,11 +24,11 @@ import zlib
 from typing import Sequence
 
 import numpy as np
-from ale_py import roms
+from ale_py import ALEInterface, LoggerMode, roms
 from ale_py.vector_env import AtariVectorEnv
 
 __all__ = ["DEFAULT_GAMES", "ATARI_DEFAULTS", "available_games", "normalize_game_name",
-           "make_atari", "collect_frames"]
+           "minimal_actions", "make_atari", "collect_frames"]
 
 DEFAULT_GAMES = ("pong", "breakout", "boxing", "freeway")  # games PPO learns quickly
 
@@ -75,6 +75,16 @@ def normalize_game_name(game: str) -> str:
             else "no close name found")
     raise ValueError(f"unknown Atari game {game!r}: {hint} (ale_py.roms.get_all_rom_ids() "
                      f"lists all {len(ids)} ROM ids)")
+
+
+def minimal_actions(game: str) -> list[int]:
+    """The game's minimal action set (the actions that do something in it, the ones
+    ``full_action_space=False`` would offer) as indices into the full 18-action space,
+    e.g. ``[0, 1, 3, 4]`` (NOOP, FIRE, RIGHT, LEFT) for Breakout."""
+    ALEInterface.setLoggerMode(LoggerMode.Error)
+    ale = ALEInterface()
+    ale.loadROM(roms.get_rom_path(normalize_game_name(game)))
+    return [action.value for action in ale.getMinimalActionSet()]
 
 
 def _env_seeds(seed: int, num_envs: int) -> np.ndarray:

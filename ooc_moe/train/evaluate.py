@@ -16,6 +16,7 @@ owns answer the others' tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -79,17 +80,19 @@ def _any_rank_playing(trainer: PPOTrainer, playing: bool) -> bool:
     return any_rank(playing) if trainer.data_parallel else playing
 
 
-def evaluate_random(env, args: EvalArgs) -> dict:
+def evaluate_random(env, args: EvalArgs, actions: Sequence[int] | None = None) -> dict:
     """The protocol of ``evaluate`` (same episodes, cap and seeds) played with uniformly random
-    actions (a numpy generator seeded with ``args.seed``): the baseline a capped evaluation is
-    normalised against. Returns ``score``, ``returns``, ``finished`` and ``steps``."""
+    ``actions`` (default: all of the env's; a numpy generator seeded with ``args.seed``): the
+    baseline a capped evaluation is normalised against. Returns ``score``, ``returns``,
+    ``finished`` and ``steps``."""
     n = args.episodes
     rng = np.random.default_rng(args.seed)
+    actions = np.arange(env.single_action_space.n) if actions is None else np.asarray(actions)
     returns, done = np.zeros(n), np.zeros(n, dtype=bool)
     env.reset()
     steps = 0
     while steps < args.max_steps and not done.all():
-        action = rng.integers(0, env.single_action_space.n, n)
+        action = actions[rng.integers(0, len(actions), n)]
         _, reward, terminated, truncated, _ = env.step(action)
         returns += np.where(done, 0.0, reward)
         done |= np.logical_or(terminated, truncated)

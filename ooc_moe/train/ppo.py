@@ -27,6 +27,10 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
   before clipping as ``losses/grad_norm`` (mean over the update's minibatches);
 - episodes autoreset in the same step (``SameStep``); truncated episodes are not bootstrapped
   (as CleanRL); rewards are clipped to their sign for learning, returns reported raw;
+- one policy head of 18 actions serves every game; with ``action_masks`` (``TrainArgs.
+  action_mask="legal"``) the logits of the actions outside the played game's minimal action
+  set are masked out (as CleanRL, which plays each game with its minimal set), in the
+  rollout, the update and the evaluation alike (the played game's mask, ``buffer.played``);
 - a lost life ends the episode *for GAE only* (``life_loss_terminal``, CleanRL's
   ``EpisodicLifeEnv``): the game and the context window go on, returns are whole games.
 """
@@ -107,6 +111,7 @@ class RolloutBuffer:
         self.dones = torch.zeros(S, N, device=device)
         self.values = torch.zeros(S, N, device=device)
         self.games = torch.zeros(S, N, dtype=torch.long, device=device)  # routed with
+        self.played = torch.zeros(S, N, dtype=torch.long, device=device)  # the true game
         # with a window, the rollout's encodings of its frames (the first epoch's older tokens)
         self.tokens = torch.zeros(S, N, token_dim, device=device) if P else None
 
@@ -133,13 +138,16 @@ class PPOTrainer:
 
     def __init__(self, agent: nn.Module, args: PPOArgs, *, planner=None,
                  detector_trainer=None, detector_updates: int = 8,
-                 data_parallel: bool = False) -> None:
+                 data_parallel: bool = False, action_masks: torch.Tensor | None = None
+                 ) -> None:
         """``detector_trainer``: trained online, ``detector_updates`` minibatches per rollout
         from the frames the rollouts add to its buffer. ``data_parallel``: this is one rank of
         a ``torch.distributed`` job (each rank its own environments, the agent's dense
         parameters replicated, its experts sharded): gradients are averaged over the ranks
         (``average_gradients``), the clipped norm and the early stop on ``target_kl`` are
-        the ranks' together, and evaluations step until every rank is done."""
+        the ranks' together, and evaluations step until every rank is done.
+        ``action_masks``: ``[games, actions]`` bool, the actions the policy may take in each
+        game (None: all of them)."""
         self.agent, self.args, self.data_parallel = agent, args, data_parallel
         self.device = next(agent.parameters()).device
         self.dense_opt = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -149,6 +157,9 @@ class PPOTrainer:
                            if agent.store is not None else None)
         self.planner, self.detector_trainer = planner, detector_trainer
         self.detector_updates = detector_updates
+        self.action_masks = (None if action_masks is None
+                             else torch.as_tensor(action_masks, dtype=torch.bool,
+                                                  device=self.device))
         cfg = agent.config
         self.obs_shape = (cfg.obs_shape[0] * cfg.frame_stack, *cfg.obs_shape[1:])
         self.buffer = RolloutBuffer(args, self.obs_shape, agent.context_len, self.device,
@@ -183,9 +194,17 @@ class PPOTrainer:
         routing = [layer.last_routing for layer in self.agent.moe_layers]
         if self.planner is not None:
             self.planner.observe([r.expert_indices for r in routing])
-        dist = Categorical(logits=logits)
+        dist = self.policy(logits, games)
         action = dist.sample()
         return action, dist.log_prob(action), value, routing
+
+    def policy(self, logits: torch.Tensor, played: torch.Tensor) -> Categorical:
+        """The action distribution of ``logits``, masked to each played game's actions when
+        the trainer has ``action_masks``."""
+        if self.action_masks is not None:
+            logits = logits.masked_fill(~self.action_masks[played],
+                                        torch.finfo(logits.dtype).min)
+        return Categorical(logits=logits)
 
     def count_routing(self, routing: list, games: torch.Tensor, counts: list) -> None:
         """Add each layer's expert choices to its ``[games, experts]`` table in ``counts``;
@@ -221,6 +240,7 @@ class PPOTrainer:
             obs_device = obs.to(self.device)
             routed = self.routing_games(obs_device, games)
             b.games[step] = games if routed is None else routed  # the update routes the same
+            b.played[step] = games
             action, logprob, value, routing = self.act(
                 obs_device, state["new_episode"].to(self.device), games, routing_games=routed)
             if b.tokens is not None:
@@ -324,15 +344,15 @@ class PPOTrainer:
         args, b, agent = self.args, self.buffer, self.agent
         b_logprobs, b_actions, b_values = (b.logprobs.flatten(), b.actions.flatten(),
                                            b.values.flatten())
-        b_advantages, b_returns, b_games = (advantages.flatten(), returns.flatten(),
-                                            b.games.flatten())
+        b_advantages, b_returns, b_games, b_played = (advantages.flatten(), returns.flatten(),
+                                                      b.games.flatten(), b.played.flatten())
         clipfracs, grad_norms = [], []
         for epoch in range(args.update_epochs):
             for mb_inds, windows in self.minibatches(first_epoch=epoch == 0):
                 mb_inds = mb_inds.to(self.device)
                 logits, newvalue, aux = agent(
                     windows, b_games[mb_inds] if agent.routes_by_game else None)
-                dist = Categorical(logits=logits)
+                dist = self.policy(logits, b_played[mb_inds])
                 newlogprob, entropy = dist.log_prob(b_actions[mb_inds]), dist.entropy()
                 logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()

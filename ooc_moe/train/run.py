@@ -56,6 +56,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -78,10 +79,11 @@ from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import EvalArgs, evaluate, evaluate_random
 from .ppo import PPOArgs, PPOTrainer
 
-__all__ = ["TrainArgs", "make_env", "build_agent", "build_trainer", "train", "args_from_json",
-           "BASELINES"]
+__all__ = ["TrainArgs", "make_env", "action_masks", "build_agent", "build_trainer", "train",
+           "args_from_json", "BASELINES", "ACTION_MASKS"]
 
 BASELINES = ("moe", "dense", "cnn")
+ACTION_MASKS = ("none", "legal")
 
 
 @dataclass
@@ -109,6 +111,7 @@ class TrainArgs:
     balance_horizon: int = 1_000_000  # tokens the horizon balance averages the load over
     cohort_size: int | None = None  # experts per game and layer; None: HBM slots per layer
     encoder_init: str = "cleanrl"   # "cleanrl" or "torch" (MoERLAgentConfig.encoder_init)
+    action_mask: str = "none"       # "none": all 18 actions; "legal": each game's minimal set
     detector: bool = True           # train a detector online and prefetch with it (MoE only)
     trace: bool = False             # record every store call (trace.npz)
     checkpoint_every: int = 0       # also checkpoint every N updates (0: after stages only)
@@ -123,6 +126,9 @@ class TrainArgs:
         if len(set(self.games)) != len(self.games):
             raise ValueError(f"games {list(self.games)} name a game twice: each game is one "
                              "stage and one column of the retention matrix")
+        if self.action_mask not in ACTION_MASKS:
+            raise ValueError(f"action_mask must be one of {ACTION_MASKS}, got "
+                             f"{self.action_mask!r} (e.g. --action_mask legal)")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if self.steps_per_game < self.ppo.batch_size:
@@ -151,6 +157,18 @@ def make_env(game: str, num_envs: int, seed: int):
     from ..envs.atari import make_atari
     return make_atari(game, num_envs, seed=seed, autoreset_mode="SameStep",
                       reward_clipping=False)
+
+
+def action_masks(games: Sequence[str], num_actions: int) -> torch.Tensor:
+    """``[games, num_actions]`` bool: each game's minimal action set (``minimal_actions``) in
+    the full action space; every action of a synthetic game (they all do something)."""
+    from ..envs.atari import minimal_actions
+    masks = torch.ones(len(games), num_actions, dtype=torch.bool)
+    for row, game in zip(masks, games):
+        if not game.startswith("synthetic"):
+            row.zero_()
+            row[minimal_actions(game)] = True
+    return masks
 
 
 def build_agent(args: TrainArgs, store_dir: Path | None = None, *, reopen: bool = False):
@@ -196,8 +214,11 @@ def build_trainer(args: TrainArgs, agent) -> PPOTrainer:
             planner = PrefetchPlanner(agent.store, detector, keep_history=False,
                                       cohorts=agent.cohorts,   # cohort routing: follow the game
                                       seen_games=detector_trainer.seen_games)
+    masks = (action_masks(args.games, agent.config.num_actions)
+             if args.action_mask == "legal" else None)
     return PPOTrainer(agent, rank_ppo_args(args.ppo, world), planner=planner,
-                      detector_trainer=detector_trainer, data_parallel=world > 1)
+                      detector_trainer=detector_trainer, data_parallel=world > 1,
+                      action_masks=masks)
 
 
 def rank_ppo_args(ppo: PPOArgs, world: int) -> PPOArgs:
@@ -397,9 +418,14 @@ class _Run:
         return results
 
     def evaluate_random(self) -> list[float]:
-        """Random play's score on every game under the evaluation protocol."""
-        return self._on_every_game(
-            lambda env, _: evaluate_random(env, self.args.eval)["score"])
+        """Random play's score on every game under the evaluation protocol (random among the
+        actions the agent may take: the game's legal ones with ``action_mask="legal"``)."""
+        masks = self.trainer.action_masks
+
+        def play(env, game_index: int) -> float:
+            actions = None if masks is None else masks[game_index].nonzero().flatten().tolist()
+            return evaluate_random(env, self.args.eval, actions)["score"]
+        return self._on_every_game(play)
 
     def evaluate_all(self) -> list[dict]:
         """Evaluate every game of the sequence (one row of the retention matrix)."""
