@@ -35,7 +35,8 @@ def _bench(args: argparse.Namespace) -> None:
                               ("dist", bench.DistBenchConfig, bench.bench_dist)):
         if args.what in (name, "all"):
             make = config.quick if args.quick else config
-            results[name] = run(make(device=args.device, directory=args.dir))
+            extra = {"older_tokens": args.older_tokens} if name == "train" else {}
+            results[name] = run(make(device=args.device, directory=args.dir, **extra))
     if args.json:
         bench.write_json(results, args.json)
         print(f"figures written to {args.json}")
@@ -286,6 +287,9 @@ PPO_HELP = {
     "num_minibatches": "minibatches per epoch",
     "minibatches": "random: CleanRL's random steps (a window's older tokens without the "
                    "encoder's gradient); env: whole rollouts of num_envs/num_minibatches envs",
+    "older_tokens": "with random minibatches and a window, its older tokens in the epochs "
+                    "after the first: fresh (encoded again each epoch) or recycled (the "
+                    "newest tokens the epoch before encoded; an ablation, faster)",
     "update_epochs": "PPO epochs per update",
     "norm_adv": "normalise advantages per minibatch",
     "clip_coef": "surrogate (and value) clipping coefficient",
@@ -422,6 +426,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     b.add_argument("--dir", default=None, help="directory for the expert file (an NVMe disk)")
     b.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    b.add_argument("--older_tokens", choices=["fresh", "recycled"], default="fresh",
+                   help="train: the window agents' older tokens after the first epoch "
+                        "(PPOArgs.older_tokens)")
     b.set_defaults(func=_bench)
     p = sub.add_parser("dist-layer", help="under torchrun: train an expert-parallel MoE layer "
                                           "(experts sharded over the ranks, each with its own "

@@ -597,6 +597,7 @@ class TrainBenchConfig:
     hbm_capacity: int = 8
     dram_capacity: int = 16
     detector: bool = True          # the MoE agent's online detector and prefetching, as trained
+    older_tokens: str = "fresh"    # PPOArgs.older_tokens of the window agents ("recycled")
     threads: int = 1               # torch threads while measuring
     seed: int = 1
     device: str | None = None
@@ -635,13 +636,14 @@ def bench_train(cfg: TrainBenchConfig) -> dict:
     sizes = {k: getattr(cfg, k) for k in (
         "num_experts", "expert_dim", "expert_hidden_dim", "num_layers", "num_heads", "top_k",
         "context_len", "hbm_capacity", "dram_capacity", "detector", "seed", "device")}
-    ppo = PPOArgs(num_envs=cfg.num_envs, num_steps=cfg.num_steps)
+    ppo = PPOArgs(num_envs=cfg.num_envs, num_steps=cfg.num_steps,
+                  older_tokens=cfg.older_tokens)
     steps = ppo.batch_size * (cfg.iterations + cfg.warmup)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     print(f"bench train: {cfg.game}, {cfg.num_envs} envs x {cfg.num_steps} steps, "
           f"{cfg.iterations} timed iterations per agent after {cfg.warmup} warm-up, "
-          f"interleaved, {cfg.threads} torch thread(s)")
+          f"interleaved, {cfg.threads} torch thread(s), older tokens {cfg.older_tokens}")
     runs, results, env_alone = {}, {}, _env_sps(cfg, steps)
     print(f"  env    SPS {env_alone['sps']:7.1f}  (the environment alone, random actions)")
     try:

@@ -185,10 +185,12 @@ def test_gpu_check_without_a_gpu_says_what_to_do():
 
 def test_bench_train_quick_reports_sps_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    result = run("bench", "train", "--quick", "--json", str(out))
+    result = run("bench", "train", "--quick", "--older_tokens", "recycled", "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert "moe/dense" in result.stdout and "dense/cnn" in result.stdout
     figures = json.loads(out.read_text())["train"]
+    assert figures["config"]["older_tokens"] == "recycled" and "older tokens recycled" in \
+        result.stdout
     assert set(figures["agents"]) == {"cnn", "dense", "moe"}
     for agent in figures["agents"].values():          # quick: 2 iterations of 4 envs x 32
         assert len(agent["iteration_seconds"]) == 2 and agent["steps"] == 2 * 4 * 32

@@ -299,3 +299,44 @@ def test_random_minibatches_with_a_window_gather_every_steps_window(monkeypatch)
 def test_an_unknown_minibatch_mode_names_the_choices():
     with pytest.raises(ValueError, match="random"):
         PPOArgs(minibatches="steps")
+
+
+def test_recycled_older_tokens_are_the_epoch_befores_newest_tokens():
+    """``older_tokens="recycled"``: after the first epoch, a window's older tokens of rollout
+    frames are the newest tokens the epoch before encoded for those frames' own steps (here
+    with the encoder changed between the epochs, so a fresh encoding would differ), the
+    prefix frames are encoded again, and the encoder sees only the prefix and the newest."""
+    torch.manual_seed(0)
+    agent = MoERLAgentConfig(**SMALL).create_agent("cpu")
+    trainer = PPOTrainer(agent, PPOArgs(num_envs=2, num_steps=6, num_minibatches=3,
+                                        update_epochs=2, older_tokens="recycled"))
+    env = FixedEnv(2)
+    state = trainer.start(env, 0)
+    trainer.collect(env, state, 0)
+    trainer.collect(env, state, 0)    # windows reach into the prefix
+    newest = torch.zeros(12, 16)      # by step (step-major), as the first epoch encoded it
+    for mb_inds, windows in trainer.minibatches(first_epoch=True):
+        newest[mb_inds] = windows[:, -1].detach()
+    with torch.no_grad():
+        for p in agent.encoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    encoded, original = [], agent.encode
+    agent.encode = lambda obs: encoded.append(len(obs)) or original(obs)
+    batches = list(trainer.minibatches())
+    agent.encode = original
+    assert encoded == [2 * 2] + [4] * 3          # the prefix frames, then each newest
+    b, P = trainer.buffer, trainer.buffer.prefix
+    index = b.window_index(3)                    # [S, N, T] frame of each window position
+    with torch.no_grad():
+        fresh = agent.encode(b.frames.flatten(0, 1))  # frame-major, today's encoder
+    for mb_inds, windows in batches:
+        for row, i in enumerate(mb_inds.tolist()):
+            step, env_i = divmod(i, 2)
+            for t, frame in enumerate(index[step, env_i, :-1].tolist()):
+                expected = (fresh[frame * 2 + env_i] if frame < P
+                            else newest[(frame - P) * 2 + env_i])
+                torch.testing.assert_close(windows[row, t].detach(), expected)
+    assert not torch.allclose(fresh[P * 2:], newest)   # a fresh encoding would differ
+    with pytest.raises(ValueError, match="fresh"):
+        PPOArgs(older_tokens="stale")
+    agent.store.shutdown()

@@ -13,7 +13,10 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
   epoch (the encoder still learns from every frame, as the newest token of its own step), so
   an epoch costs one encoder backward per step, as CleanRL's, plus one forward per frame; the
   first epoch's are the tokens the rollout encoded (the same parameters), so only its
-  ``context_len - 1`` prefix frames per environment are encoded again.
+  ``context_len - 1`` prefix frames per environment are encoded again. With
+  ``older_tokens="recycled"`` (an ablation) the later epochs' older tokens are the newest
+  tokens the epoch before encoded (detached; up to one epoch old), which removes the per-epoch
+  forward: a dense window agent then costs CleanRL's encoder work plus its transformer.
   ``minibatches="env"`` draws them by *environment* (as CleanRL's ``ppo_atari_lstm.py``): a
   minibatch is ``num_envs / num_minibatches`` environments' whole rollouts, every token of
   every window with the encoder's gradient; an agent without a window (``context_len == 1``:
@@ -51,9 +54,10 @@ from ..distributed import average_gradients, sum_over_ranks, world_info
 from ..metrics import router_entropy
 from ..moe.optim import ExpertOptimizer, clip_grad_norm_
 
-__all__ = ["PPOArgs", "RolloutBuffer", "PPOTrainer", "MINIBATCHES"]
+__all__ = ["PPOArgs", "RolloutBuffer", "PPOTrainer", "MINIBATCHES", "OLDER_TOKENS"]
 
 MINIBATCHES = ("random", "env")
+OLDER_TOKENS = ("fresh", "recycled")
 
 
 @dataclass
@@ -66,6 +70,8 @@ class PPOArgs:
     gae_lambda: float = 0.95     # GAE lambda
     num_minibatches: int = 4     # minibatches per epoch
     minibatches: str = "random"  # "random" steps (CleanRL) or whole rollouts of "env"s
+    older_tokens: str = "fresh"  # a window's older tokens, epochs after the first: "fresh"
+                                 # (encoded again) or "recycled" (the last epoch's newest)
     update_epochs: int = 4       # epochs per update
     norm_adv: bool = True        # normalise advantages per minibatch
     clip_coef: float = 0.1       # surrogate clipping
@@ -84,6 +90,9 @@ class PPOArgs:
         if self.minibatches not in MINIBATCHES:
             raise ValueError(f"minibatches must be one of {MINIBATCHES}, got "
                              f"{self.minibatches!r} (e.g. --minibatches random)")
+        if self.older_tokens not in OLDER_TOKENS:
+            raise ValueError(f"older_tokens must be one of {OLDER_TOKENS}, got "
+                             f"{self.older_tokens!r} (e.g. --older_tokens fresh)")
         self.batch_size = self.num_envs * self.num_steps
         if self.minibatches == "env" and self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches="
@@ -170,6 +179,7 @@ class PPOTrainer:
         self.routing_counts = [np.zeros((cfg.num_envs, layer.routed_experts()))
                                for layer in agent.moe_layers]
         self.router_entropies: list[float] = []
+        self._newest: torch.Tensor | None = None   # older_tokens="recycled": last epoch's
 
     def phase(self, name: str):
         """A context in which the agent's store counts its calls under phase ``name``
@@ -301,24 +311,33 @@ class PPOTrainer:
         ``[num_steps * num_envs]`` (step-major) buffers, ``windows [len(mb_inds), T, dim]``
         encoded with the current encoder (``PPOArgs.minibatches`` says how they are drawn).
         ``first_epoch``: the parameters are still the rollout's, so random minibatches take the
-        older tokens of the rollout's own frames from ``buffer.tokens``."""
+        older tokens of the rollout's own frames from ``buffer.tokens``; in later epochs they
+        are encoded again, or with ``older_tokens="recycled"`` taken from the newest tokens of
+        the epoch before (only the prefix frames are encoded again)."""
         args, b, agent = self.args, self.buffer, self.agent
         S, N, T = args.num_steps, args.num_envs, agent.context_len
         index = b.window_index(T)                                     # [S, N, T]
         if T == 1 or args.minibatches == "random":
             frames = b.frames.flatten(0, 1)                  # [(P+S)*N, C, H, W], frame-major
             keys = (index * N + torch.arange(N)[None, :, None]).flatten(0, 1)   # [S*N, T]
-            older = None
+            older, recycle = None, T > 1 and args.older_tokens == "recycled"
             if T > 1:         # every frame once per epoch, without gradient (but the first)
+                reuse = b.tokens.flatten(0, 1) if first_epoch else (self._newest if recycle
+                                                                     else None)
                 with torch.no_grad():
-                    encode = frames[:b.prefix * N] if first_epoch else frames
+                    encode = frames[:b.prefix * N] if reuse is not None else frames
                     older = [agent.encode(f.to(self.device))
                              for f in encode.split(args.minibatch_size)]
-                    if first_epoch:
-                        older.append(b.tokens.flatten(0, 1))
+                    if reuse is not None:
+                        older.append(reuse)
                     older = torch.cat(older)
+            if recycle:
+                self._newest = torch.empty(S * N, agent.token_dim, device=self.device)
             for mb_inds in torch.randperm(args.batch_size).split(args.minibatch_size):
-                yield mb_inds, self._windows_of(frames, keys[mb_inds], older)
+                windows = self._windows_of(frames, keys[mb_inds], older)
+                if recycle:                # this step's token, for the next epoch to recycle
+                    self._newest[mb_inds.to(self.device)] = windows[:, -1].detach()
+                yield mb_inds, windows
             return
         for mb_envs in torch.randperm(N).split(args.envs_per_minibatch):
             n = len(mb_envs)
