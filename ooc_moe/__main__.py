@@ -22,7 +22,8 @@ from .smoke import run_smoke
 from .store import TieredExpertStore
 from .store.stats import LINKS
 from .train.evaluate import EvalArgs
-from .train.ppo import PPOArgs
+from .train.ppo import OLDER_TOKENS, PPOArgs
+from .train.run import ACTION_MASKS
 from .workloads import access_pattern, game_blocks, replay
 
 
@@ -327,7 +328,7 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
     run.add_argument("--baseline", choices=["moe", "dense", "cnn"], default="moe",
                      help="moe: the MoE agent; dense: its dense twin (same active "
                           "parameters); cnn: CleanRL's ppo_atari.py agent (no window)")
-    run.add_argument("--action_mask", choices=["none", "legal"], default="none",
+    run.add_argument("--action_mask", choices=list(ACTION_MASKS), default="none",
                      help="none: the policy picks from all 18 actions in every game; legal: "
                           "from the played game's minimal action set (as CleanRL plays it)")
     run.add_argument("--seed", type=int, default=1,
@@ -426,7 +427,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     b.add_argument("--dir", default=None, help="directory for the expert file (an NVMe disk)")
     b.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    b.add_argument("--older_tokens", choices=["fresh", "recycled"], default="fresh",
+    b.add_argument("--older_tokens", choices=list(OLDER_TOKENS), default="fresh",
                    help="train: the window agents' older tokens after the first epoch "
                         "(PPOArgs.older_tokens)")
     b.set_defaults(func=_bench)

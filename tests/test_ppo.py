@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ooc_moe.agent import CNNAgent, CNNAgentConfig, ContextWindows, MoERLAgentConfig
-from ooc_moe.train import PPOArgs, PPOTrainer, RolloutBuffer
+from ooc_moe.train import EvalArgs, PPOArgs, PPOTrainer, RolloutBuffer, evaluate
 
 SMALL = dict(num_experts=8, expert_dim=16, expert_hidden=32, num_layers=2, num_heads=2,
              context_len=3, hbm_cap=4, dram_cap=8, num_envs=2)
@@ -157,7 +157,9 @@ def test_masked_actions_stay_in_the_played_games_set_in_rollout_and_update(monke
 
     agent.forward = spy
     adv, ret = trainer.advantages(state["next_value"], state["new_episode"].float())
+    b.games[:] = 1                    # routed as another game: the mask is the played one's
     logs = trainer.update(adv, ret)
+    agent.forward = original
     by_hand = torch.log_softmax(seen[0][:, legal], -1)
     position = torch.tensor([legal.index(a) for a in b.actions.flatten().tolist()])
     torch.testing.assert_close(by_hand[torch.arange(len(position)), position],
@@ -167,6 +169,19 @@ def test_masked_actions_stay_in_the_played_games_set_in_rollout_and_update(monke
     played = torch.ones(len(seen[0]), dtype=torch.long)       # game 1: every action
     torch.testing.assert_close(trainer.policy(seen[0], played).logits,
                                torch.distributions.Categorical(logits=seen[0]).logits)
+
+    class Recording(FixedEnv):
+        def step(self, actions):
+            self.actions = getattr(self, "actions", []) + list(actions)
+            return super().step(actions)
+
+    env = Recording(2)
+    evaluate(trainer, env, 0, EvalArgs(episodes=2, max_steps=8))
+    assert len(env.actions) == 2 * 4 and set(env.actions) <= set(legal)   # one game each
+    with pytest.raises(ValueError, match="at least one action per game"):
+        PPOTrainer(agent, args, action_masks=torch.zeros(1, 18, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\[games, 18\]"):
+        PPOTrainer(agent, args, action_masks=torch.ones(1, 4, dtype=torch.bool))
 
 
 def test_cnn_minibatches_are_cleanrls_random_steps_and_reproduce_the_rollout(monkeypatch):
@@ -339,4 +354,6 @@ def test_recycled_older_tokens_are_the_epoch_befores_newest_tokens():
     assert not torch.allclose(fresh[P * 2:], newest)   # a fresh encoding would differ
     with pytest.raises(ValueError, match="fresh"):
         PPOArgs(older_tokens="stale")
+    with pytest.raises(ValueError, match="needs random minibatches"):
+        PPOArgs(older_tokens="recycled", minibatches="env")
     agent.store.shutdown()

@@ -536,6 +536,11 @@ def test_experiment_reads_finished_runs_back_instead_of_retraining(experiment):
             assert again[kind][key] == summary[kind][key]
     with pytest.raises(ValueError, match="runs must be among"):
         run_experiment(tiny(), ["moe"], [1], out)
+    other = replace(tiny(), action_mask="legal", ppo=replace(tiny().ppo, ent_coef=0.02))
+    with pytest.raises(ValueError, match=r"token-seed1 holds a run of another configuration "
+                       r"\(action_mask: 'none' -> 'legal'; ppo.ent_coef: 0.01 -> 0.02\)"):
+        run_experiment(other, ["token"], [1], out, progress=False)
+    assert (out / "token-seed1" / "metrics.json").stat().st_mtime_ns == stamp  # untouched
 
 
 def test_experiment_jobs_train_runs_in_processes_as_they_train_one_by_one(experiment, tmp_path,
@@ -618,3 +623,10 @@ def test_early_learning_reads_the_updates_up_to_a_step():
     assert table["a"]["explained_variance"] == pytest.approx(0.3)         # last 5: 0.1..0.5
     text = format_learning_table(table, 1024 * 6)
     assert "| a | 1,2 | 0.30 [0.30, 0.30]" in text
+    assert "(uniform: 2.89) |" in text and table["a"]["uniform_entropy"] == pytest.approx(
+        np.log(18))
+    masked = {"history": [{**h, "game": "breakout"} for h in history],
+              "args": {"seed": 1, "action_mask": "legal"}, "command": "python -m ooc_moe y"}
+    table = learning_table({"a-seed1": run, "b-seed1": masked}, at=1024 * 6)
+    assert table["b"]["uniform_entropy"] == pytest.approx(np.log(4))   # Breakout's 4 actions
+    assert "(uniform: 2.89; b 1.39) |" in format_learning_table(table, 1024 * 6)

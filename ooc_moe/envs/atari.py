@@ -3,7 +3,8 @@
 ``make_atari`` builds one game's vector environment with the preprocessing every experiment in
 this package assumes: 84x84 grey frames, a stack of 4, frameskip 4 with max-pooling, up to 30
 no-ops and FIRE on reset, rewards clipped to [-1, 1], and the **full 18-action space** so that
-one policy head serves every game. Sticky actions are **off** (``repeat_action_probability=0.0``,
+one policy head serves every game (``minimal_actions`` names the actions a game really uses,
+which ``TrainArgs.action_mask="legal"`` restricts the policy to). Sticky actions are **off** (``repeat_action_probability=0.0``,
 the ``AtariVectorEnv`` default; the ``ALE/...-v5`` registrations use 0.25, Machado et al. 2018):
 pass ``repeat_action_probability=0.25`` to compare with v5 results.
 
@@ -81,7 +82,7 @@ def minimal_actions(game: str) -> list[int]:
     """The game's minimal action set (the actions that do something in it, the ones
     ``full_action_space=False`` would offer) as indices into the full 18-action space,
     e.g. ``[0, 1, 3, 4]`` (NOOP, FIRE, RIGHT, LEFT) for Breakout."""
-    ALEInterface.setLoggerMode(LoggerMode.Error)
+    ALEInterface.setLoggerMode(LoggerMode.Error)      # as AtariVectorEnv sets it: no banner
     ale = ALEInterface()
     ale.loadROM(roms.get_rom_path(normalize_game_name(game)))
     return [action.value for action in ale.getMinimalActionSet()]

@@ -11,7 +11,8 @@ from .run import (TrainArgs, action_masks, args_from_json, build_agent, make_env
                   train_run)
 
 __all__ = ["PPOArgs", "PPOTrainer", "RolloutBuffer", "TrainArgs", "EvalArgs", "build_agent",
-           "make_env", "action_masks", "train", "train_run", "evaluate", "evaluate_random", "args_from_json",
+           "make_env", "action_masks", "train", "train_run", "evaluate", "evaluate_random",
+           "args_from_json",
            "save_checkpoint", "load_checkpoint", "find_checkpoint", "RUN_KINDS",
            "run_experiment", "summarize", "format_summary", "format_verdict", "load_results",
            "paired_changes", "half_width_95", "early_learning", "learning_table",

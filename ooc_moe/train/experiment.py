@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ..envs.synthetic import NUM_ACTIONS
 from ..scores import aggregate_scores, run_kind
 from .checkpoint import find_checkpoint
-from .run import TrainArgs, train
+from .run import TrainArgs, args_to_json, args_from_json, train
 
 __all__ = ["RUN_KINDS", "run_experiment", "summarize", "format_summary", "format_verdict",
            "load_results", "paired_changes", "half_width_95", "early_learning",
@@ -60,9 +61,14 @@ def run_experiment(base: TrainArgs, kinds: Sequence[str], seeds: Sequence[int],
     for kind in kinds:                   # every configuration checked before any training
         replace(base, **RUN_KINDS[kind]).agent_config()
     out = Path(out)
-    todo = [replace(base, **RUN_KINDS[kind], seed=seed, out=str(out / f"{kind}-seed{seed}"))
-            for kind in kinds for seed in seeds
-            if not _finished(out / f"{kind}-seed{seed}")]
+    runs = [replace(base, **RUN_KINDS[kind], seed=seed, out=str(out / f"{kind}-seed{seed}"))
+            for kind in kinds for seed in seeds]
+    for args in runs:            # a run already there is read back or resumed: the same one?
+        differ = _saved_differences(args)
+        if differ:
+            raise ValueError(f"{args.out} holds a run of another configuration ("
+                             f"{'; '.join(differ)}): give another --out, or the same flags")
+    todo = [args for args in runs if not _finished(Path(args.out))]
     if jobs == 1 or len(todo) < 2:
         for args in todo:
             _train_run(args, progress, command)
@@ -109,6 +115,28 @@ def _train_in_processes(todo: Sequence[TrainArgs], jobs: int, command: str | Non
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+# settings a run may change when it is resumed, or that only say where it runs
+_RESUMABLE = ("out", "device", "checkpoint_every")
+
+
+def _saved_differences(args: TrainArgs) -> list[str]:
+    """``"name: saved -> wanted"`` for every setting in which the run saved in ``args.out``
+    (its ``metrics.json``, written with each checkpoint) differs from ``args``; none when
+    nothing is saved there."""
+    path = Path(args.out) / "metrics.json"
+    if not path.is_file():
+        return []
+    flat = {}
+    for which, d in (("saved", args_to_json(args_from_json(json.loads(path.read_text())["args"]))),
+                     ("wanted", args_to_json(args))):
+        d = json.loads(json.dumps(d))
+        for group in ("ppo", "eval"):
+            d.update({f"{group}.{k}": v for k, v in d.pop(group).items()})
+        flat[which] = d
+    return [f"{k}: {flat['saved'][k]!r} -> {v!r}" for k, v in flat["wanted"].items()
+            if k not in _RESUMABLE and flat["saved"].get(k) != v]
 
 
 def _finished(run_dir: Path) -> bool:
@@ -351,10 +379,20 @@ def early_learning(history: Sequence[dict], at: int, last: int = 5,
             "episodes": len(returns)}
 
 
+def uniform_entropy(args: Mapping, game: str) -> float:
+    """The entropy of a uniform policy over the actions a run's agent may take in ``game``:
+    log 18, or log of the game's minimal action set with ``action_mask="legal"``."""
+    if args.get("action_mask", "none") == "legal" and not game.startswith("synthetic"):
+        from ..envs.atari import minimal_actions
+        return math.log(len(minimal_actions(game)))
+    return math.log(NUM_ACTIONS)
+
+
 def learning_table(runs: Mapping[str, dict], at: int) -> dict[str, dict]:
     """Per kind of run (the name before ``-seed``), over its seeds: ``early_learning`` at
-    ``at`` (mean, min and max of each figure), the seeds and one run's command. Runs that
-    stopped before ``at`` are left out; unfinished ones count up to ``at``."""
+    ``at`` (mean, min and max of each figure), the seeds, one run's command and the entropy
+    of a uniform policy over its actions at ``at`` (``uniform_entropy``). Runs that stopped
+    before ``at`` are left out; unfinished ones count up to ``at``."""
     by_kind: dict[str, list] = {}
     for name, metrics in sorted(runs.items()):
         try:
@@ -364,7 +402,11 @@ def learning_table(runs: Mapping[str, dict], at: int) -> dict[str, dict]:
         by_kind.setdefault(run_kind(name), []).append((metrics, figures))
     table = {}
     for kind, rows in by_kind.items():
-        entry = {"seeds": [m["args"]["seed"] for m, _ in rows], "command": rows[0][0]["command"]}
+        first = rows[0][0]
+        game = next(h.get("game", "") for h in reversed(first["history"])
+                    if h["global_step"] <= at)
+        entry = {"seeds": [m["args"]["seed"] for m, _ in rows], "command": first["command"],
+                 "uniform_entropy": uniform_entropy(first["args"], game)}
         for key in ("explained_variance", "entropy", "return", "return_last"):
             values = [f[key] for _, f in rows]
             entry[key] = float(np.mean(values))
@@ -375,8 +417,11 @@ def learning_table(runs: Mapping[str, dict], at: int) -> dict[str, dict]:
 
 def format_learning_table(table: Mapping[str, dict], at: int) -> str:
     """``learning_table`` as a markdown table (means over seeds, their range in brackets)."""
+    other = ", ".join(f"{kind} {e['uniform_entropy']:.2f}" for kind, e in table.items()
+                      if not math.isclose(e["uniform_entropy"], math.log(NUM_ACTIONS)))
     lines = [f"| run | seeds | explained variance at {at:,} steps | policy entropy "
-             f"(uniform: {math.log(18):.2f}) | training return | the last 100 episodes' |",
+             f"(uniform: {math.log(NUM_ACTIONS):.2f}{'; ' + other if other else ''}) | "
+             "training return | the last 100 episodes' |",
              "|---|---|---|---|---|---|"]
     for kind, e in table.items():
         cells = [f"{e[k]:.2f} [{e[k + '_min']:.2f}, {e[k + '_max']:.2f}]"

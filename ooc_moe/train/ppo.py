@@ -14,9 +14,11 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
   an epoch costs one encoder backward per step, as CleanRL's, plus one forward per frame; the
   first epoch's are the tokens the rollout encoded (the same parameters), so only its
   ``context_len - 1`` prefix frames per environment are encoded again. With
-  ``older_tokens="recycled"`` (an ablation) the later epochs' older tokens are the newest
-  tokens the epoch before encoded (detached; up to one epoch old), which removes the per-epoch
-  forward: a dense window agent then costs CleanRL's encoder work plus its transformer.
+  ``older_tokens="recycled"`` (an ablation) the later epochs' older tokens of rollout frames
+  are the newest tokens the epoch before encoded (detached: up to ``2 * num_minibatches - 1``
+  optimizer steps old, against ``num_minibatches - 1`` when encoded afresh), so a later epoch
+  encodes again only the prefix frames: a dense window agent then costs about CleanRL's
+  encoder work plus its transformer.
   ``minibatches="env"`` draws them by *environment* (as CleanRL's ``ppo_atari_lstm.py``): a
   minibatch is ``num_envs / num_minibatches`` environments' whole rollouts, every token of
   every window with the encoder's gradient; an agent without a window (``context_len == 1``:
@@ -33,7 +35,8 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
 - one policy head of 18 actions serves every game; with ``action_masks`` (``TrainArgs.
   action_mask="legal"``) the logits of the actions outside the played game's minimal action
   set are masked out (as CleanRL, which plays each game with its minimal set), in the
-  rollout, the update and the evaluation alike (the played game's mask, ``buffer.played``);
+  rollout and the update (the mask of the game each step played, ``buffer.played``) and in
+  the evaluation (the evaluated game's);
 - a lost life ends the episode *for GAE only* (``life_loss_terminal``, CleanRL's
   ``EpisodicLifeEnv``): the game and the context window go on, returns are whole games.
 """
@@ -71,7 +74,8 @@ class PPOArgs:
     num_minibatches: int = 4     # minibatches per epoch
     minibatches: str = "random"  # "random" steps (CleanRL) or whole rollouts of "env"s
     older_tokens: str = "fresh"  # a window's older tokens, epochs after the first: "fresh"
-                                 # (encoded again) or "recycled" (the last epoch's newest)
+                                 # (encoded again) or "recycled" (the last epoch's newest);
+                                 # random minibatches only, nothing to do without a window
     update_epochs: int = 4       # epochs per update
     norm_adv: bool = True        # normalise advantages per minibatch
     clip_coef: float = 0.1       # surrogate clipping
@@ -93,6 +97,10 @@ class PPOArgs:
         if self.older_tokens not in OLDER_TOKENS:
             raise ValueError(f"older_tokens must be one of {OLDER_TOKENS}, got "
                              f"{self.older_tokens!r} (e.g. --older_tokens fresh)")
+        if self.older_tokens == "recycled" and self.minibatches == "env":
+            raise ValueError("older_tokens='recycled' needs random minibatches (minibatches="
+                             "'env' encodes every token with its gradient): use "
+                             "--minibatches random, or --older_tokens fresh")
         self.batch_size = self.num_envs * self.num_steps
         if self.minibatches == "env" and self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches="
@@ -166,10 +174,16 @@ class PPOTrainer:
                            if agent.store is not None else None)
         self.planner, self.detector_trainer = planner, detector_trainer
         self.detector_updates = detector_updates
-        self.action_masks = (None if action_masks is None
-                             else torch.as_tensor(action_masks, dtype=torch.bool,
-                                                  device=self.device))
         cfg = agent.config
+        self.action_masks = None
+        if action_masks is not None:
+            masks = torch.as_tensor(action_masks, dtype=torch.bool, device=self.device)
+            if masks.dim() != 2 or masks.shape[1] != cfg.num_actions or not masks.any(1).all():
+                raise ValueError(f"action_masks must be [games, {cfg.num_actions}] bool with "
+                                 f"at least one action per game, got {tuple(masks.shape)} "
+                                 f"with {masks.sum(1).tolist()} actions (build them with "
+                                 "ooc_moe.train.action_masks)")
+            self.action_masks = masks
         self.obs_shape = (cfg.obs_shape[0] * cfg.frame_stack, *cfg.obs_shape[1:])
         self.buffer = RolloutBuffer(args, self.obs_shape, agent.context_len, self.device,
                                     agent.token_dim)
@@ -240,6 +254,7 @@ class PPOTrainer:
         """Fill the buffer with ``num_steps`` steps; returns finished (return, length)."""
         b, args = self.buffer, self.args
         b.roll_prefix()
+        self._newest = None                   # nothing of the last rollout is recycled
         finished = []
         for step in range(args.num_steps):
             obs = state["obs"]

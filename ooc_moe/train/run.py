@@ -3,7 +3,7 @@
 ``python -m ooc_moe train`` (synthetic games) and ``train-atari`` (real ALE games) call
 ``train(TrainArgs(...))``. For games ``g1..gN``: evaluate the untrained agent on every game
 (``initial``) and random play under the same protocol (``random_scores``, the baseline of
-the human-normalised scores), then per stage train ``steps_per_game`` on one game and
+the human-normalised scores; random among the actions the agent may take, ``action_mask``), then per stage train ``steps_per_game`` on one game and
 evaluate every game (``evaluate``: fixed seeds, the same in every run) -> one row of the
 retention matrix.
 
@@ -80,7 +80,7 @@ from .evaluate import EvalArgs, evaluate, evaluate_random
 from .ppo import PPOArgs, PPOTrainer
 
 __all__ = ["TrainArgs", "make_env", "action_masks", "build_agent", "build_trainer", "train",
-           "args_from_json", "BASELINES", "ACTION_MASKS"]
+           "args_from_json", "args_to_json", "BASELINES", "ACTION_MASKS"]
 
 BASELINES = ("moe", "dense", "cnn")
 ACTION_MASKS = ("none", "legal")
@@ -324,7 +324,7 @@ class _Run:
     def state(self) -> dict:
         det = self.detector_trainer
         return {
-            "args": _jsonable(self.args), "game_index": self.game_index,
+            "args": args_to_json(self.args), "game_index": self.game_index,
             "iteration": self.iteration, "history": self.history, "initial": self.initial,
             "initial_returns": self.initial_returns, "random_scores": self.random_scores,
             "retention": self.retention, "evaluations": self.evaluations,
@@ -575,7 +575,7 @@ def _metrics(run: _Run, seconds: float, command: str | None, finished: bool) -> 
     the figures derived from it."""
     args, history = run.args, run.history
     games = list(args.games)
-    metrics = {"args": _jsonable(args), "command": command, "device": _device_name(run.agent),
+    metrics = {"args": args_to_json(args), "command": command, "device": _device_name(run.agent),
                "world": run.world,
                "date": time.strftime("%Y-%m-%d"), "finished": finished, "seconds": seconds,
                "params": run.agent.config.estimate_params(), "games": games,
@@ -645,7 +645,8 @@ def _write_retention_csv(path: Path, metrics: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _jsonable(args: TrainArgs) -> dict:
+def args_to_json(args: TrainArgs) -> dict:
+    """``args`` as ``metrics.json["args"]`` holds them (``args_from_json`` reads them back)."""
     d = asdict(args)
     d["games"] = list(args.games)
     for derived in ("batch_size", "minibatch_size", "envs_per_minibatch"):

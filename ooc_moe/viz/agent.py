@@ -144,7 +144,8 @@ def one_rollout(agent: MoERLAgent, env, steps: int, *, seed: int | None = None) 
     policy, as ``PPOTrainer`` collects a rollout: every observation is encoded once and pushed
     into rolling ``ContextWindows``, and the windows go through the transformer. Episode starts
     are read from ``terminated | truncated`` (``SameStep`` autoreset, as ``train.make_env``);
-    with ``routing="env"`` every environment is game 0.
+    with ``routing="env"`` every environment is game 0. Actions come from all 18 logits (no
+    ``action_mask``: for an agent trained with one, the rollout plays actions it never took).
 
     Returns numpy arrays: ``routing [steps, layers, experts]`` (per step and MoE layer, the
     assignments each expert got: every position of every window, top-k each), ``waves [steps,
