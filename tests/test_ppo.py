@@ -52,6 +52,20 @@ def test_gae_matches_a_hand_computation():
     agent.store.shutdown()
 
 
+def spy_on_logits(agent) -> list:
+    """Make ``agent.forward`` also keep each call's logits (detached) in the returned list;
+    ``del agent.forward`` undoes it."""
+    seen, original = [], agent.forward
+
+    def spy(windows, games=None):
+        out = original(windows, games)
+        seen.append(out[0].detach())
+        return out
+
+    agent.forward = spy
+    return seen
+
+
 class FixedEnv:
     """Random frames and rewards; episodes of 4 steps (enough for windows and GAE)."""
 
@@ -105,19 +119,10 @@ def test_the_first_minibatch_reproduces_the_rollout_policy(monkeypatch):
     trainer = PPOTrainer(agent, args)
     env = FixedEnv(2)
     state = trainer.start(env, 0)
-    seen = []
     trainer.collect(env, state, 0)
     trainer.collect(env, state, 0)    # a second rollout: windows reach into the prefix
     adv, ret = trainer.advantages(state["next_value"], state["new_episode"].float())
-    original = agent.forward
-
-    def spy(windows, games=None):
-        out = original(windows, games)
-        if not seen:
-            seen.append(out[0].detach())
-        return out
-
-    agent.forward = spy
+    seen = spy_on_logits(agent)
     trainer.update(adv, ret)
     logits = seen[0]                                     # [S * n, A], step-major
     b = trainer.buffer
@@ -148,18 +153,11 @@ def test_masked_actions_stay_in_the_played_games_set_in_rollout_and_update(monke
     b = trainer.buffer
     assert set(b.actions.flatten().tolist()) <= set(legal)
     assert (b.played == 0).all()
-    seen, original = [], agent.forward
-
-    def spy(windows, games=None):
-        out = original(windows, games)
-        seen.append(out[0].detach())
-        return out
-
-    agent.forward = spy
+    seen = spy_on_logits(agent)
     adv, ret = trainer.advantages(state["next_value"], state["new_episode"].float())
     b.games[:] = 1                    # routed as another game: the mask is the played one's
     logs = trainer.update(adv, ret)
-    agent.forward = original
+    del agent.forward
     by_hand = torch.log_softmax(seen[0][:, legal], -1)
     position = torch.tensor([legal.index(a) for a in b.actions.flatten().tolist()])
     torch.testing.assert_close(by_hand[torch.arange(len(position)), position],
@@ -207,14 +205,7 @@ def test_cnn_minibatches_are_cleanrls_random_steps_and_reproduce_the_rollout(mon
 
     import ooc_moe.train.ppo as ppo
     monkeypatch.setattr(ppo.torch, "randperm", lambda n: torch.arange(n))
-    seen, original = [], agent.forward
-
-    def spy(windows, games=None):
-        out = original(windows, games)
-        seen.append(out[0].detach())
-        return out
-
-    agent.forward = spy
+    seen = spy_on_logits(agent)
     adv, ret = trainer.advantages(state["next_value"], state["new_episode"].float())
     logs = trainer.update(adv, ret)
     newlogprob = torch.distributions.Categorical(logits=seen[0]).log_prob(
@@ -262,20 +253,26 @@ def test_minibatches_must_split_the_envs_or_the_batch():
     assert PPOArgs(num_envs=6, num_minibatches=4).minibatch_size == 192
 
 
+def two_rollouts(**ppo) -> tuple:
+    """A small MoE agent and its trainer (2 envs x 6 steps, 3 minibatches, ``ppo``) after two
+    rollouts of ``FixedEnv``, so that windows reach into the prefix."""
+    torch.manual_seed(0)
+    agent = MoERLAgentConfig(**SMALL).create_agent("cpu")
+    trainer = PPOTrainer(agent, PPOArgs(num_envs=2, num_steps=6, num_minibatches=3, **ppo))
+    env = FixedEnv(2)
+    state = trainer.start(env, 0)
+    trainer.collect(env, state, 0)
+    trainer.collect(env, state, 0)
+    return agent, trainer
+
+
 def test_random_minibatches_with_a_window_gather_every_steps_window(monkeypatch):
     """A windowed agent's random minibatches: a random partition of all (step, env) pairs,
     each with the window the environment-ordered path rebuilds for it; only the newest token
     carries the encoder's gradient; the first epoch takes the older tokens from the rollout
     (encoding just the prefix frames again), and in rollout order the first update sees the
     rollout's policy."""
-    torch.manual_seed(0)
-    agent = MoERLAgentConfig(**SMALL).create_agent("cpu")
-    trainer = PPOTrainer(agent, PPOArgs(num_envs=2, num_steps=6, num_minibatches=3,
-                                        update_epochs=1, minibatches="random"))
-    env = FixedEnv(2)
-    state = trainer.start(env, 0)
-    trainer.collect(env, state, 0)
-    trainer.collect(env, state, 0)    # windows reach into the prefix
+    agent, trainer = two_rollouts(update_epochs=1, minibatches="random")
     encoded = []                              # batch sizes the encoder sees
     original = agent.encode
     agent.encode = lambda obs: encoded.append(len(obs)) or original(obs)
@@ -321,14 +318,7 @@ def test_recycled_older_tokens_are_the_epoch_befores_newest_tokens():
     frames are the newest tokens the epoch before encoded for those frames' own steps (here
     with the encoder changed between the epochs, so a fresh encoding would differ), the
     prefix frames are encoded again, and the encoder sees only the prefix and the newest."""
-    torch.manual_seed(0)
-    agent = MoERLAgentConfig(**SMALL).create_agent("cpu")
-    trainer = PPOTrainer(agent, PPOArgs(num_envs=2, num_steps=6, num_minibatches=3,
-                                        update_epochs=2, older_tokens="recycled"))
-    env = FixedEnv(2)
-    state = trainer.start(env, 0)
-    trainer.collect(env, state, 0)
-    trainer.collect(env, state, 0)    # windows reach into the prefix
+    agent, trainer = two_rollouts(update_epochs=2, older_tokens="recycled")
     newest = torch.zeros(12, 16)      # by step (step-major), as the first epoch encoded it
     for mb_inds, windows in trainer.minibatches(first_epoch=True):
         newest[mb_inds] = windows[:, -1].detach()
