@@ -4,9 +4,10 @@
 this package assumes: 84x84 grey frames, a stack of 4, frameskip 4 with max-pooling, up to 30
 no-ops and FIRE on reset, rewards clipped to [-1, 1], and the **full 18-action space** so that
 one policy head serves every game (``minimal_actions`` names the actions a game really uses,
-which ``TrainArgs.action_mask="legal"`` restricts the policy to). Sticky actions are **off** (``repeat_action_probability=0.0``,
-the ``AtariVectorEnv`` default; the ``ALE/...-v5`` registrations use 0.25, Machado et al. 2018):
-pass ``repeat_action_probability=0.25`` to compare with v5 results.
+which ``TrainArgs.action_mask="legal"`` restricts the policy to). Sticky actions are **off**
+(``repeat_action_probability=0.0``, the ``AtariVectorEnv`` default; the ``ALE/...-v5``
+registrations use 0.25, Machado et al. 2018): pass ``repeat_action_probability=0.25`` to
+compare with v5 results.
 
 ``collect_frames`` plays each game with uniformly random actions and keeps a strided sample of
 the stacked observations: labelled real frames for training and testing the environment

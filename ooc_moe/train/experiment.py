@@ -26,7 +26,7 @@ from scipy import stats
 from ..envs.synthetic import NUM_ACTIONS
 from ..scores import aggregate_scores, run_kind
 from .checkpoint import find_checkpoint
-from .run import TrainArgs, args_to_json, args_from_json, train
+from .run import TrainArgs, action_masks, args_from_json, args_to_json, train
 
 __all__ = ["RUN_KINDS", "run_experiment", "summarize", "format_summary", "format_verdict",
            "load_results", "paired_changes", "half_width_95", "early_learning",
@@ -128,9 +128,9 @@ def _saved_differences(args: TrainArgs) -> list[str]:
     path = Path(args.out) / "metrics.json"
     if not path.is_file():
         return []
+    saved = args_from_json(json.loads(path.read_text())["args"])   # older: defaults filled
     flat = {}
-    for which, d in (("saved", args_to_json(args_from_json(json.loads(path.read_text())["args"]))),
-                     ("wanted", args_to_json(args))):
+    for which, d in (("saved", args_to_json(saved)), ("wanted", args_to_json(args))):
         d = json.loads(json.dumps(d))
         for group in ("ppo", "eval"):
             d.update({f"{group}.{k}": v for k, v in d.pop(group).items()})
@@ -381,10 +381,9 @@ def early_learning(history: Sequence[dict], at: int, last: int = 5,
 
 def uniform_entropy(args: Mapping, game: str) -> float:
     """The entropy of a uniform policy over the actions a run's agent may take in ``game``:
-    log 18, or log of the game's minimal action set with ``action_mask="legal"``."""
-    if args.get("action_mask", "none") == "legal" and not game.startswith("synthetic"):
-        from ..envs.atari import minimal_actions
-        return math.log(len(minimal_actions(game)))
+    log 18, or log of the game's own actions with ``action_mask="legal"`` (``action_masks``)."""
+    if args.get("action_mask", "none") == "legal":
+        return math.log(int(action_masks([game], NUM_ACTIONS).sum()))
     return math.log(NUM_ACTIONS)
 
 

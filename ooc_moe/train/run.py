@@ -3,9 +3,9 @@
 ``python -m ooc_moe train`` (synthetic games) and ``train-atari`` (real ALE games) call
 ``train(TrainArgs(...))``. For games ``g1..gN``: evaluate the untrained agent on every game
 (``initial``) and random play under the same protocol (``random_scores``, the baseline of
-the human-normalised scores; random among the actions the agent may take, ``action_mask``), then per stage train ``steps_per_game`` on one game and
-evaluate every game (``evaluate``: fixed seeds, the same in every run) -> one row of the
-retention matrix.
+the human-normalised scores; random among the actions the agent may take, ``action_mask``),
+then per stage train ``steps_per_game`` on one game and evaluate every game (``evaluate``:
+fixed seeds, the same in every run) -> one row of the retention matrix.
 
 Each update logs CleanRL's charts and losses plus the store's ``store/*`` figures (hit rate
 per tier, prefetch precision and coverage, bytes per link; ``store/phases``: the counters of
@@ -163,9 +163,10 @@ def action_masks(games: Sequence[str], num_actions: int) -> torch.Tensor:
     """``[games, num_actions]`` bool: each game's minimal action set (``minimal_actions``) in
     the full action space; every action of a synthetic game (they all do something)."""
     from ..envs.atari import minimal_actions
+    from ..envs.synthetic import is_synthetic
     masks = torch.ones(len(games), num_actions, dtype=torch.bool)
     for row, game in zip(masks, games):
-        if not game.startswith("synthetic"):
+        if not is_synthetic(game):
             row.zero_()
             row[minimal_actions(game)] = True
     return masks
