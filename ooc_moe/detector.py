@@ -500,9 +500,10 @@ class PrefetchPlanner:
     **The prediction.** Without cohorts: the experts of ``store`` the detector scores with
     probability ``>= min_prob``, likeliest first. ``cohorts`` (a ``CohortTable``, for
     ``cohort`` routing): a game may only use its cohort, so the plan follows the game: for each
-    game of the step (the one of most observations first), the experts of its cohort it used
-    in its last ``switch_window`` observed steps, most used first, or its whole cohort (all
-    layers) while it has none. ``top_k`` (None = no limit) caps the prediction.
+    game of the step (the one of most observations first), at a game switch its whole cohort
+    (all layers: everything the new game may use while it is played), between switches the
+    experts of its cohort it used in its last ``recent_steps`` observed steps, most used first
+    (its whole cohort while it has none). ``top_k`` (None = no limit) caps the prediction.
 
     **The copies.** The step's (leading) game is the routing's when the caller passes
     ``games``, else the detector's (among ``seen_games()``, a boolean mask such as
@@ -521,9 +522,9 @@ class PrefetchPlanner:
     - coverage  = used experts that had been predicted / used experts,
 
     per step (returned) and as running totals (``precision``, ``coverage``, ``summary()``).
-    At a game switch, where a prefetch matters most, one step's routing is a small sample of
-    what the new game will use, so the switch's prediction is graded against the experts used
-    over ``switch_window`` steps from the switch (fewer if the game switches again):
+    A switch's prediction is what stays in HBM while the new game is played, so it is graded
+    against every expert used from the switch until the next one (or until now), as the
+    store grades a prefetch by whether it was used before its eviction:
     ``summary()["switch_precision"]``, ``["switch_coverage"]``, ``["switches"]``, the
     switches graded. These grade the *prediction*; the store's ``prefetches_*`` counters grade the transfers (an expert
     already in HBM is predicted, and counted here, but costs no copy).
@@ -537,7 +538,7 @@ class PrefetchPlanner:
                  min_prob: float = 0.5, layer: int | None = None, tier: str = "hbm",
                  reduce: str = "mean", keep_history: bool = True, cohorts=None,
                  seen_games: Callable[[], Tensor] | None = None,
-                 switch_window: int = 4) -> None:
+                 recent_steps: int = 4) -> None:
         if store.num_experts != detector.num_experts:
             raise ValueError(f"the store holds {store.num_experts} experts but the detector "
                              f"predicts {detector.num_experts} per layer")
@@ -549,18 +550,18 @@ class PrefetchPlanner:
             raise ValueError(f"min_prob must lie in [0, 1], got {min_prob}")
         if tier not in ("hbm", "dram"):
             raise ValueError(f"tier must be 'hbm' or 'dram', got {tier!r}")
-        _check_int("switch_window", switch_window, 1)
+        _check_int("recent_steps", recent_steps, 1)
         _aggregate(torch.zeros(1, 1), reduce)                             # validates reduce
         self.store, self.detector = store, detector
         self.top_k, self.min_prob, self.layer = top_k, min_prob, layer
         self.tier, self.reduce, self.keep_history = tier, reduce, keep_history
-        self.cohorts, self.seen_games, self.switch_window = cohorts, seen_games, switch_window
+        self.cohorts, self.seen_games, self.recent_steps = cohorts, seen_games, recent_steps
         self.history: list[PlanRecord] = []
         self._pending: PlanRecord | None = None
         self._totals, self._switch_totals = _Totals(), _Totals()
         self._last_game: int | None = None
         self._last_used: list[int] = []
-        self._window: tuple[list[int], set[int], int] | None = None  # a switch being graded
+        self._window: tuple[list[int], set[int]] | None = None   # the switch being graded
         self._recent: dict[int, deque] = {}     # per game, its cohort experts used per step
 
     def scores(self, obs) -> Tensor:
@@ -578,13 +579,13 @@ class PrefetchPlanner:
     def _cohort(self, game: int) -> list[int]:
         return list(dict.fromkeys(self.cohorts.lookup(torch.tensor([game])).reshape(-1).tolist()))
 
-    def _cohort_ids(self, counts: Tensor) -> list[int]:
+    def _cohort_ids(self, counts: Tensor, switch: bool) -> list[int]:
         """Per game with ``counts > 0`` (``bincount`` of a step's games, the game of most
-        entries first), its recent experts or its cohort."""
+        entries first), its cohort at a ``switch``, else its recent experts or its cohort."""
         ids: list[int] = []
         for game in counts.argsort(descending=True, stable=True)[:int((counts > 0).sum())].tolist():
             recent = Counter(e for step in self._recent.get(game, ()) for e in step)
-            experts = [e for e, _ in recent.most_common()] or self._cohort(game)
+            experts = ([] if switch else [e for e, _ in recent.most_common()]) or self._cohort(game)
             ids += [e for e in experts if e not in ids]
         return ids
 
@@ -604,15 +605,15 @@ class PrefetchPlanner:
                 games = game_logits.argmax(-1)
         games = games.reshape(-1).cpu()
         counts = torch.bincount(games)
+        lead = int(counts.argmax())
+        switch, self._last_game = self._last_game is not None and lead != self._last_game, lead
         if self.cohorts is not None:
-            ids = self._cohort_ids(counts)
+            ids = self._cohort_ids(counts, switch)
         else:
             scores = self._scores(expert_logits).cpu()
             order = torch.argsort(scores, descending=True, stable=True)
             ids = [int(e) for e in order if scores[e] >= self.min_prob]
         ids = ids[:self.top_k]
-        lead = int(counts.argmax())
-        switch, self._last_game = self._last_game is not None and lead != self._last_game, lead
         asked = self._prefetch(ids, [] if switch else self._last_used)
         dropped = len(asked) - len(self.store.prefetch(asked, tier=self.tier)) if asked else 0
         if self._pending is not None:                  # the last plan was never observed
@@ -646,16 +647,13 @@ class PrefetchPlanner:
         if self.cohorts is not None:
             for game in record.games:
                 cohort = set(self._cohort(game))
-                self._recent.setdefault(game, deque(maxlen=self.switch_window)).append(
+                self._recent.setdefault(game, deque(maxlen=self.recent_steps)).append(
                     [e for e in used if e in cohort])
         if record.switch:
             self._close_window()
-            self._window = (record.planned, set(), self.switch_window)
+            self._window = (record.planned, set())
         if self._window is not None:
-            planned, seen, left = self._window
-            self._window = (planned, seen | set(used), left - 1)
-            if left == 1:
-                self._close_window()
+            self._window[1].update(used)
         return {"precision": _ratio(record.hits, len(record.planned)),
                 "coverage": _ratio(record.hits, len(record.used))}
 
@@ -683,7 +681,7 @@ class PrefetchPlanner:
         switches over their windows (``switches``, ``switch_precision``, ``switch_coverage``)."""
         t, s = self._totals, replace(self._switch_totals)
         if self._window is not None:                         # a switch still being graded
-            s.add(*self._window[:2])
+            s.add(*self._window)
         return {"steps": t.steps, "planned": t.planned, "used": t.used, "hits": t.hits,
                 "dropped": t.dropped, "unobserved": t.unobserved, **t.figures(),
                 "switches": s.steps, **{f"switch_{k}": v for k, v in s.figures().items()}}
@@ -698,7 +696,7 @@ class PrefetchPlanner:
 
     def _close_window(self) -> None:
         if self._window is not None:
-            self._switch_totals.add(*self._window[:2])
+            self._switch_totals.add(*self._window)
             self._window = None
 
 

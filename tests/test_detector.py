@@ -276,16 +276,21 @@ def test_a_wrong_prediction_never_evicts_the_last_steps_experts_until_the_game_s
     store.synchronize()
     assert {store.where(5), store.where(6)} != {"hbm"}
     planner.observe([0, 1])
-    summary = planner.summary()            # a switch is graded over the steps after it
+    summary = planner.summary()      # a switch is graded over the steps until the next one
     assert summary["switches"] == 1
     assert (summary["switch_precision"], summary["switch_coverage"]) == (2 / 5, 1.0)
-    for used in ([2], [7], [3], [4]):      # the window is 4 steps: [4] falls outside it
+    for used in ([2], [7], [3], [4]):      # all of them count: the game is still the same
         planner.plan(OBS, other)
         planner.observe(used)
     summary = planner.summary()
     assert summary["switches"] == 1
-    assert (summary["switch_precision"], summary["switch_coverage"]) == (4 / 5, 4 / 5)
+    assert (summary["switch_precision"], summary["switch_coverage"]) == (5 / 5, 5 / 6)
     assert (summary["precision"], summary["coverage"]) == (5 / 40, 5 / 12)  # per step
+    planner.plan(OBS, same)                # the next switch closes the window and opens one
+    planner.observe([5])
+    summary = planner.summary()
+    assert summary["switches"] == 2
+    assert (summary["switch_precision"], summary["switch_coverage"]) == (5 / 10, 5 / 7)
 
 
 def test_planner_over_layers_sharing_one_store(store):
@@ -321,6 +326,13 @@ def test_a_cohort_planner_follows_the_game_the_detector_sees(store):
     assert planner.plan(OBS) == [6, 7]                   # what game 0 used of late
     assert [r.switch for r in planner.history] == [False, True, False]       # 1 -> 0
     assert planner.summary()["switches"] == 0            # the switch's step was not observed
+    planner.observe([6])
+    sees(1)
+    planner.plan(OBS)
+    planner.observe([0])
+    sees(0)                              # back to game 0: its whole cohort, not just 6 and 7
+    planner.plan(OBS)
+    assert planner._pending.planned == [4, 5, 6, 7] and planner._pending.switch
 
 
 def test_planner_bad_use(store):
