@@ -284,6 +284,7 @@ class DetectorTrainer:
         self._has_used = torch.zeros(rows, dtype=torch.bool)
         self._next = [0] * (detector.num_envs + 1)          # per region: next row to write
         self._count = [0] * (detector.num_envs + 1)         # per region: rows filled
+        self.known = torch.zeros(detector.num_envs, dtype=torch.bool)  # see known_games()
 
     def __len__(self) -> int:
         """How many observations the buffer holds."""
@@ -343,6 +344,7 @@ class DetectorTrainer:
         loss.backward()
         self.optimizer.step()
         self.steps += 1
+        self.known[games[known].unique().cpu()] = True
         with torch.no_grad():
             hits = game_logits.argmax(-1)[known] == games[known]
         return {"loss": loss.item(), "game_loss": game_loss.item(),
@@ -380,16 +382,22 @@ class DetectorTrainer:
         """``[num_envs]`` bool: the games whose labelled frames the buffer holds."""
         return torch.tensor([n > 0 for n in self._count[1:]])
 
+    def known_games(self) -> Tensor:
+        """``[num_envs]`` bool: the games the detector can name, those with labelled frames
+        in some minibatch it was updated on (a game whose frames only wait in the buffer is
+        not known yet: its logit is untrained)."""
+        return self.known.clone()
+
     @torch.no_grad()
     def predict_games(self, obs) -> Tensor | None:
-        """Per observation, the likeliest game among those the buffer has seen (a detector
-        cannot name a game it was never shown; its other outputs are untrained); None
-        before any game was seen."""
-        seen = self.seen_games()
-        if not seen.any():
+        """Per observation, the likeliest game among the ``known_games`` (a detector cannot
+        name a game it was never trained on; its other outputs are untrained); None before
+        it knows any."""
+        known = self.known_games()
+        if not known.any():
             return None
         probs = self.detector.predict(obs, top_k=1).game_probs
-        return probs.masked_fill(~seen.to(probs.device), -1.0).argmax(-1)
+        return probs.masked_fill(~known.to(probs.device), -1.0).argmax(-1)
 
     def step(self) -> dict[str, float]:
         """One update on ``batch_size`` observations drawn uniformly from the buffer (the
@@ -506,8 +514,8 @@ class PrefetchPlanner:
     (its whole cohort while it has none). ``top_k`` (None = no limit) caps the prediction.
 
     **The copies.** The step's (leading) game is the routing's when the caller passes
-    ``games``, else the detector's (among ``seen_games()``, a boolean mask such as
-    ``DetectorTrainer.seen_games``, when given). While it stays the same, the experts the
+    ``games``, else the detector's (among ``known_games()``, a boolean mask such as
+    ``DetectorTrainer.known_games``, when given). While it stays the same, the experts the
     last step used are kept: a prefetch never evicts them (they are the likeliest to be used again, and a
     wrong prediction must not cost the step its experts). At a *game switch* they are not
     kept: the new game's experts go into the slots the old game frees. Predicted experts not
@@ -537,7 +545,7 @@ class PrefetchPlanner:
     def __init__(self, store, detector: EnvironmentDetector, top_k: int | None = None, *,
                  min_prob: float = 0.5, layer: int | None = None, tier: str = "hbm",
                  reduce: str = "mean", keep_history: bool = True, cohorts=None,
-                 seen_games: Callable[[], Tensor] | None = None,
+                 known_games: Callable[[], Tensor] | None = None,
                  recent_steps: int = 4) -> None:
         if store.num_experts != detector.num_experts:
             raise ValueError(f"the store holds {store.num_experts} experts but the detector "
@@ -555,7 +563,7 @@ class PrefetchPlanner:
         self.store, self.detector = store, detector
         self.top_k, self.min_prob, self.layer = top_k, min_prob, layer
         self.tier, self.reduce, self.keep_history = tier, reduce, keep_history
-        self.cohorts, self.seen_games, self.recent_steps = cohorts, seen_games, recent_steps
+        self.cohorts, self.known_games, self.recent_steps = cohorts, known_games, recent_steps
         self.history: list[PlanRecord] = []
         self._pending: PlanRecord | None = None
         self._totals, self._switch_totals = _Totals(), _Totals()
@@ -599,9 +607,9 @@ class PrefetchPlanner:
             with torch.no_grad():
                 game_logits, expert_logits = self.detector(obs)
             if games is None:
-                if self.seen_games is not None:        # it cannot name a game never shown
+                if self.known_games is not None:   # it cannot name a game never trained on
                     game_logits = game_logits.masked_fill(
-                        ~self.seen_games().to(game_logits.device), -math.inf)
+                        ~self.known_games().to(game_logits.device), -math.inf)
                 games = game_logits.argmax(-1)
         games = games.reshape(-1).cpu()
         counts = torch.bincount(games)

@@ -118,6 +118,37 @@ def test_no_expert_outside_the_games_cohort_is_fetched_trained_or_stepped():
     store.shutdown()
 
 
+def test_a_new_game_is_routed_inside_its_own_cohort_before_the_detector_knows_it():
+    """With the online detector, three games in turn: the first rollout of a new game is
+    routed with that game, which the detector cannot name before it has been trained on its
+    frames, so no expert outside the new game's cohort is fetched, trained or stepped."""
+    games = ("synthetic-0", "synthetic-1", "synthetic-2")
+    args = TrainArgs(**{**TINY, "games": games, "detector": True})
+    agent = build_agent(args)
+    trainer = build_trainer(args, agent)
+    store, det = agent.store, trainer.detector_trainer
+    fetched, stepped = set(), set()
+    get, step = store.get_experts, trainer.expert_opt.step
+    store.get_experts = lambda ids, *a, **kw: fetched.update(ids) or get(ids, *a, **kw)
+    trainer.expert_opt.step = lambda *a, **kw: stepped.update(store.experts_with_grad) or step(
+        *a, **kw)
+    for game, iterations in ((0, 1), (1, 2), (2, 1)):
+        env = make_env(games[game], args.ppo.num_envs, 0)
+        state = trainer.start(env, game)
+        assert det.known_games().tolist() == [g < game and game > 1 for g in range(3)]
+        fetched.clear(), stepped.clear()
+        trainer.iteration(env, state, game=game)         # the new game's first rollout
+        cohort = set(agent.cohorts.table[game].flatten().tolist())
+        assert trainer.buffer.games.eq(game).all()
+        assert fetched <= cohort and stepped <= cohort and stepped, game
+        for _ in range(iterations - 1):
+            trainer.iteration(env, state, game=game)
+        env.close()
+    assert len(set(agent.cohorts.table.flatten().tolist())) == 12        # disjoint cohorts
+    assert det.known_games().tolist() == [True, True, True]
+    store.shutdown()
+
+
 def test_the_update_routes_with_the_game_the_rollout_used():
     args = TrainArgs(**TINY)
     agent = build_agent(args)

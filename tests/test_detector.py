@@ -357,11 +357,12 @@ def synthetic_frames(game: int, steps: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(frames))
 
 
-def test_online_detector_waits_for_a_second_game_and_names_only_games_it_has_seen():
+def test_online_detector_waits_for_a_second_game_and_names_only_games_it_was_trained_on():
     """Games come one at a time (three synthetic games, as in a sequential run). While the
     buffer holds one game, step() leaves the detector as it is: fitting one class saturated
     it, its ReLUs died and it named game 0 for every game after all three were played. Once
-    a second game arrives it learns both; predict_games names only the games seen."""
+    a second game arrives it learns both; predict_games names only the games it was trained
+    on (``known_games``): a game whose frames only wait in the buffer is not one of them."""
     det = make_detector(num_envs=3)
     trainer = DetectorTrainer(det, seed=0)
     held_out = [synthetic_frames(g, 8, seed=9) for g in range(3)]
@@ -376,7 +377,11 @@ def test_online_detector_waits_for_a_second_game_and_names_only_games_it_has_see
             assert math.isnan(losses["game_accuracy"]) and trainer.steps == 0
             assert all(torch.equal(a, b) for a, b in zip(before, det.parameters()))
             assert trainer.seen_games().tolist() == [True, False, False]
+            assert not trainer.known_games().any()                   # it can name none
+            assert trainer.predict_games(held_out[0]) is None
+            continue
+        assert trainer.known_games().tolist() == [g <= game for g in range(3)]
         seen = trainer.predict_games(torch.cat(held_out))
-        assert set(seen.tolist()) <= set(range(game + 1))            # only games seen
+        assert set(seen.tolist()) <= set(range(game + 1))            # only games known
         for g in range(game + 1):
             assert (trainer.predict_games(held_out[g]) == g).all(), (game, g)

@@ -239,15 +239,20 @@ class PPOTrainer:
                               r.expert_indices.reshape(-1).cpu().numpy()), 1)
 
     def routing_games(self, obs: torch.Tensor, games: torch.Tensor) -> torch.Tensor | None:
-        """For agents that route by game: the game the detector sees among the games it has
-        been shown (the true one without a detector, and before any game was shown: the
-        untrained agent's evaluation); None for the others."""
+        """For agents that route by game: per environment, the game the detector sees among
+        the games it knows (``DetectorTrainer.known_games``), or the one being played where
+        the detector cannot name it, never having been trained on it (the first rollout of a
+        new game, the untrained agent's evaluation), and everywhere without a detector; None
+        for the others."""
         if not self.agent.routes_by_game:
             return None
         if self.detector_trainer is None:
             return games
         predicted = self.detector_trainer.predict_games(obs)                # per environment
-        return games if predicted is None else predicted.to(self.device)
+        if predicted is None:
+            return games
+        known = self.detector_trainer.known_games().to(self.device)
+        return torch.where(known[games], predicted.to(self.device), games)
 
     # -- one iteration: rollout + update -------------------------------------------------
     def collect(self, env, state: dict, game: int) -> list[tuple[float, int]]:
@@ -302,8 +307,8 @@ class PPOTrainer:
                 state["obs"].to(self.device))[:, None]], 1)
             fresh = state["new_episode"].to(self.device)
             windows[fresh] = windows[fresh, -1:].expand(-1, windows.shape[1], -1)
-            state["next_value"] = self.agent(windows, self.routing_games(
-                state["obs"].to(self.device), b.games[-1]))[1]
+            routed = b.games[-1] if self.agent.routes_by_game else None   # as the last step
+            state["next_value"] = self.agent(windows, routed)[1]
         return finished
 
     def advantages(self, next_value: torch.Tensor, next_done: torch.Tensor):

@@ -214,7 +214,7 @@ def build_trainer(args: TrainArgs, agent) -> PPOTrainer:
         if args.detector:
             planner = PrefetchPlanner(agent.store, detector, keep_history=False,
                                       cohorts=agent.cohorts,   # cohort routing: follow the game
-                                      seen_games=detector_trainer.seen_games)
+                                      known_games=detector_trainer.known_games)
     masks = (action_masks(args.games, agent.config.num_actions)
              if args.action_mask == "legal" else None)
     return PPOTrainer(agent, rank_ppo_args(args.ppo, world), planner=planner,
@@ -335,7 +335,8 @@ class _Run:
             "routing_counts": self.trainer.routing_counts,
             "detector": None if det is None else {
                 "model": det.detector.state_dict(), "opt": det.optimizer.state_dict(),
-                "generator": det.generator.get_state(), "steps": det.steps},
+                "generator": det.generator.get_state(), "steps": det.steps,
+                "known": det.known_games()},
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
@@ -365,6 +366,7 @@ class _Run:
             det.optimizer.load_state_dict(d["opt"])
             det.generator.set_state(d["generator"])
             det.steps = d["steps"]
+            det.known = d.get("known", det.known)      # older checkpoints: learnt again
         rng = saved["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
