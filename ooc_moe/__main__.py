@@ -401,6 +401,11 @@ PRESETS = {
     # `make demo`: the synthetic tier, smaller (<= 15 min on 2 CPU cores)
     "synthetic-demo": {**SYNTHETIC, "runs": "dense,cohort", "seeds": "1,2,3",
                        "out": "runs/demo"},
+    # three real games the cnn learns beyond the noise in 204,800 steps each on a CPU (the
+    # pilot, results/atari-pilot); four kinds x three seeds, hours per run
+    "atari": {**DEMO_SIZES, "games": "breakout,freeway,seaquest", "steps_per_game": 204_800,
+              "runs": "cnn,dense,token,cohort", "seeds": "1,2,3", "eval_episodes": 8,
+              "eval_max_steps": 4000, "checkpoint_every": 25, "jobs": 2, "out": "runs/atari"},
     # three real games at a budget where the agents barely learn (results/cpu-demo)
     "atari-demo": {**DEMO_SIZES, "games": "pong,breakout,boxing", "steps_per_game": 12_288,
                    "runs": "token,dense", "seeds": "1", "eval_episodes": 4,

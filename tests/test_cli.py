@@ -226,8 +226,10 @@ def parse(*argv: str) -> dict:
 
 
 def test_presets_are_the_experiments_defaults_and_given_flags_win():
+    for name, preset in PRESETS.items():
+        flags = parse("experiment", "--preset", name)
+        assert {k: flags[k] for k in preset} == preset, name
     synthetic = parse("experiment", "--preset", "synthetic")
-    assert {k: synthetic[k] for k in PRESETS["synthetic"]} == PRESETS["synthetic"]
     assert (synthetic["games"], synthetic["gamma"], synthetic["jobs"]) == (
         "synthetic-0,synthetic-1,synthetic-2", 0.0, 2)
     assert synthetic["runs"] == "cnn,dense,token,cohort" and synthetic["seeds"] == "1,2,3,4,5"
