@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from ooc_moe.scores import forgetting
-from ooc_moe.train import (cache_table, format_cache_table, format_summary, learning_table,
-                           load_results, summarize)
+from ooc_moe.train import (cache_table, format_cache_table, format_summary, format_verdict,
+                           learning_table, load_results, summarize)
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 EXPERIMENTS = sorted(p.parent for p in RESULTS.glob("*/summary.json"))
@@ -123,3 +123,25 @@ def test_cohort_routing_meets_the_cache_targets_the_readme_states():
     cohort = cache_table(load_results(RESULTS / "routing"))["cohort"]
     assert cohort["cache_rollout_hit_rate"] >= cohort["belady_rollout_hit_rate"] - 0.02
     assert cohort["cache_bytes_per_update"] <= 1.2 * cohort["belady_bytes_per_update"]
+
+
+def test_the_atari_preset_plays_games_the_pilot_or_the_learning_check_found_learned():
+    """README's pilot lines are the committed runs' verdicts; every game of ``--preset atari``
+    was learned beyond the noise in the pilot, at the preset's budget and evaluation, except
+    Breakout, whose evidence is the learning check."""
+    from ooc_moe.__main__ import PRESETS
+
+    preset = PRESETS["atari"]
+    readme = (RESULTS.parent / "README.md").read_text()
+    learned = set()
+    for path in sorted((RESULTS / "atari-pilot").glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        assert format_verdict(summary) in readme, path.parent.name
+        args = load_results(path.parent)["cnn-seed1"]["args"]
+        assert args["steps_per_game"] == preset["steps_per_game"]
+        assert (args["eval"]["episodes"], args["eval"]["max_steps"]) == (
+            preset["eval_episodes"], preset["eval_max_steps"])
+        s = summary["cnn"]
+        if s["rise"][0] > s["rise_noise"][0]:
+            learned.add(s["games"][0])
+    assert set(preset["games"].split(",")) <= learned | {"breakout"}
