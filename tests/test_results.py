@@ -145,3 +145,12 @@ def test_the_atari_preset_plays_games_the_pilot_or_the_learning_check_found_lear
         if s["rise"][0] > s["rise_noise"][0]:
             learned.add(s["games"][0])
     assert set(preset["games"].split(",")) <= learned | {"breakout"}
+
+
+def test_readme_states_the_synthetic_runs_core_minutes():
+    """The core minutes README gives for ``results/synthetic`` are the sum of the runs' own
+    ``seconds``."""
+    readme = (RESULTS.parent / "README.md").read_text()
+    stated = int(re.search(r"The runs took (\d+) minutes of one core", readme).group(1))
+    runs = load_results(RESULTS / "synthetic")
+    assert stated == round(sum(m["seconds"] for m in runs.values()) / 60)
