@@ -391,7 +391,7 @@ DEMO_SIZES = {"num_experts": 32, "expert_dim": 64, "expert_hidden_dim": 128,
               "hbm_capacity": 8, "dram_capacity": 16, "context_len": 4}
 # Forgetting in minutes: three synthetic games (contextual bandits whose action tables
 # clash, ``ooc_moe.envs.synthetic``) learnt with gamma 0, short rollouts and a larger
-# learning rate; four kinds x five seeds, two runs at a time (~30 min on 2 CPU cores).
+# learning rate; four kinds x five seeds, two runs at a time (~15 min on 2 CPU cores).
 SYNTHETIC = {**DEMO_SIZES, "games": "synthetic-0,synthetic-1,synthetic-2",
              "steps_per_game": 3072, "gamma": 0.0, "num_steps": 32, "learning_rate": 1e-3,
              "eval_episodes": 8, "eval_max_steps": 200, "runs": "cnn,dense,token,cohort",
