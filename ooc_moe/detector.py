@@ -263,9 +263,13 @@ class DetectorTrainer:
 
     def __init__(self, detector: EnvironmentDetector, lr: float = 1e-3, *,
                  expert_loss_coef: float = 1.0, batch_size: int = 64, buffer_size: int = 2048,
-                 seed: int = 0) -> None:
+                 seed: int = 0, known_accuracy: float = 0.9, known_window: int = 8) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0.0 < known_accuracy <= 1.0:
+            raise ValueError(f"known_accuracy must lie in (0, 1], got {known_accuracy}")
+        self.known_accuracy = known_accuracy
+        self.known_window = _check_int("known_window", known_window, 1)
         self.detector = detector
         self.optimizer = torch.optim.Adam(detector.parameters(), lr=lr)
         self.expert_loss_coef = float(expert_loss_coef)
@@ -284,7 +288,9 @@ class DetectorTrainer:
         self._has_used = torch.zeros(rows, dtype=torch.bool)
         self._next = [0] * (detector.num_envs + 1)          # per region: next row to write
         self._count = [0] * (detector.num_envs + 1)         # per region: rows filled
-        self.known = torch.zeros(detector.num_envs, dtype=torch.bool)  # see known_games()
+        # per game, (frames named right, frames) of its last known_window minibatches
+        self.named: list[deque] = [deque(maxlen=self.known_window)
+                                   for _ in range(detector.num_envs)]
 
     def __len__(self) -> int:
         """How many observations the buffer holds."""
@@ -344,9 +350,11 @@ class DetectorTrainer:
         loss.backward()
         self.optimizer.step()
         self.steps += 1
-        self.known[games[known].unique().cpu()] = True
         with torch.no_grad():
             hits = game_logits.argmax(-1)[known] == games[known]
+            for game in games[known].unique().tolist():
+                mine = games[known] == game
+                self.named[game].append((int(hits[mine].sum()), int(mine.sum())))
         return {"loss": loss.item(), "game_loss": game_loss.item(),
                 "expert_loss": expert_loss.item(),
                 "game_accuracy": hits.float().mean().item() if known.any() else math.nan}
@@ -383,16 +391,21 @@ class DetectorTrainer:
         return torch.tensor([n > 0 for n in self._count[1:]])
 
     def known_games(self) -> Tensor:
-        """``[num_envs]`` bool: the games the detector can name, those with labelled frames
-        in some minibatch it was updated on (a game whose frames only wait in the buffer is
-        not known yet: its logit is untrained)."""
-        return self.known.clone()
+        """``[num_envs]`` bool: the games the detector names reliably: over the game's last
+        ``known_window`` minibatches (no fewer), it named at least ``known_accuracy`` of the
+        game's frames right, each judged before its update (a game whose frames only wait in
+        the buffer, or whose logit is still learning, is not known)."""
+        known = []
+        for window in self.named:
+            right, frames = (sum(x) for x in zip(*window)) if window else (0, 0)
+            known.append(len(window) == self.known_window and right >= self.known_accuracy
+                         * frames)
+        return torch.tensor(known)
 
     @torch.no_grad()
     def predict_games(self, obs) -> Tensor | None:
         """Per observation, the likeliest game among the ``known_games`` (a detector cannot
-        name a game it was never trained on; its other outputs are untrained); None before
-        it knows any."""
+        name a game it has not learnt yet); None before it knows any."""
         known = self.known_games()
         if not known.any():
             return None
@@ -607,7 +620,7 @@ class PrefetchPlanner:
             with torch.no_grad():
                 game_logits, expert_logits = self.detector(obs)
             if games is None:
-                if self.known_games is not None:   # it cannot name a game never trained on
+                if self.known_games is not None:   # it cannot name a game not learnt yet
                     game_logits = game_logits.masked_fill(
                         ~self.known_games().to(game_logits.device), -math.inf)
                 games = game_logits.argmax(-1)

@@ -357,6 +357,28 @@ def synthetic_frames(game: int, steps: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(frames))
 
 
+def test_a_game_is_known_once_the_detector_names_it_over_a_full_window():
+    """``known_games``: a game's frames in the minibatches are not enough; the detector must
+    name them right (``known_accuracy``) over its last ``known_window`` minibatches. A
+    detector stuck on game 0 (no learning to speak of) knows game 0 only."""
+    det = make_detector(num_envs=2)
+    with torch.no_grad():
+        det.game_head.weight.zero_()
+        det.game_head.bias.copy_(torch.tensor([5.0, -5.0]))
+    trainer = DetectorTrainer(det, lr=1e-12, seed=0, known_window=4)
+    for game in range(2):
+        frames = synthetic_frames(game, 32, seed=game)
+        trainer.add(frames, torch.full((len(frames),), game))
+    for step in range(6):
+        assert trainer.known_games().tolist() == ([True, False] if step >= 4 else
+                                                  [False, False]), step
+        trainer.step()
+    assert [len(w) for w in trainer.named] == [4, 4]
+    assert all(right == 0 for right, _ in trainer.named[1])
+    with pytest.raises(ValueError, match="known_accuracy"):
+        DetectorTrainer(det, known_accuracy=0.0)
+
+
 def test_online_detector_waits_for_a_second_game_and_names_only_games_it_was_trained_on():
     """Games come one at a time (three synthetic games, as in a sequential run). While the
     buffer holds one game, step() leaves the detector as it is: fitting one class saturated

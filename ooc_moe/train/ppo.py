@@ -240,10 +240,10 @@ class PPOTrainer:
 
     def routing_games(self, obs: torch.Tensor, games: torch.Tensor) -> torch.Tensor | None:
         """For agents that route by game: per environment, the game the detector sees among
-        the games it knows (``DetectorTrainer.known_games``), or the one being played where
-        the detector cannot name it, never having been trained on it (the first rollout of a
-        new game, the untrained agent's evaluation), and everywhere without a detector; None
-        for the others."""
+        the games it names reliably (``DetectorTrainer.known_games``), or the one being played
+        where the detector cannot name it yet (a new game's first rollouts, until the detector
+        names its frames; the untrained agent's evaluation), and everywhere without a
+        detector; None for the others."""
         if not self.agent.routes_by_game:
             return None
         if self.detector_trainer is None:

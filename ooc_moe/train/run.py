@@ -336,7 +336,7 @@ class _Run:
             "detector": None if det is None else {
                 "model": det.detector.state_dict(), "opt": det.optimizer.state_dict(),
                 "generator": det.generator.get_state(), "steps": det.steps,
-                "known": det.known_games()},
+                "named": [list(window) for window in det.named]},
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
@@ -366,7 +366,8 @@ class _Run:
             det.optimizer.load_state_dict(d["opt"])
             det.generator.set_state(d["generator"])
             det.steps = d["steps"]
-            det.known = d.get("known", det.known)      # older checkpoints: learnt again
+            for window, saved_named in zip(det.named, d.get("named", [])):  # older: none
+                window.extend(saved_named)
         rng = saved["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
