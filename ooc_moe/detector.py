@@ -628,6 +628,8 @@ class PrefetchPlanner:
         counts = torch.bincount(games)
         lead = int(counts.argmax())
         switch, self._last_game = self._last_game is not None and lead != self._last_game, lead
+        if switch:                     # the last game's stay ends here, observed or not
+            self._close_window()
         if self.cohorts is not None:
             ids = self._cohort_ids(counts, switch)
         else:
