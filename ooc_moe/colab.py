@@ -38,9 +38,9 @@ FULL_MODE_COST = {
                              "(not timed)",
     "04_agent.ipynb": "1,000,000 PPO steps of Pong with the default agent: likely hours on a "
                       "T4 or an A100 (not timed yet)",
-    "05_sequential_atari.ipynb": "the synthetic preset live: four kinds x five seeds, tens of "
-                                 "minutes on 2 CPU cores (results/synthetic records each "
-                                 "run's minutes); a GPU does not speed up models this small",
+    "05_sequential_atari.ipynb": "the synthetic preset live: four kinds x five seeds, about a "
+                                 "quarter of an hour on 2 CPU cores (results/synthetic "
+                                 "records each run's seconds); a GPU does not speed up models this small",
 }
 
 
