@@ -507,9 +507,18 @@ class _Totals:
         self.used += len(used)
         self.hits += len(set(planned) & set(used))
 
+    def merge(self, other: "_Totals") -> None:
+        for name in ("steps", "planned", "used", "hits", "dropped", "unobserved"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def figures(self) -> dict[str, float]:
         return {"precision": _ratio(self.hits, self.planned),
                 "coverage": _ratio(self.hits, self.used)}
+
+
+def _switch_figures(s: _Totals) -> dict[str, float]:
+    """``switches`` (graded windows), ``switch_precision`` and ``switch_coverage`` of ``s``."""
+    return {"switches": s.steps, **{f"switch_{k}": v for k, v in s.figures().items()}}
 
 
 class PrefetchPlanner:
@@ -547,7 +556,9 @@ class PrefetchPlanner:
     against every expert used from the switch until the next one (or until now), as the
     store grades a prefetch by whether it was used before its eviction:
     ``summary()["switch_precision"]``, ``["switch_coverage"]``, ``["switches"]``, the
-    switches graded. These grade the *prediction*; the store's ``prefetches_*`` counters grade the transfers (an expert
+    switches graded, and the same per store phase at the switch (``["switch_phases"]``):
+    training switches happen in the ``rollout``, an evaluation playing every game in turn
+    switches in ``eval``. These grade the *prediction*; the store's ``prefetches_*`` counters grade the transfers (an expert
     already in HBM is predicted, and counted here, but costs no copy).
 
     ``layer``: the MoE layer whose experts ``store`` holds, when each layer has its own store
@@ -579,10 +590,11 @@ class PrefetchPlanner:
         self.cohorts, self.known_games, self.recent_steps = cohorts, known_games, recent_steps
         self.history: list[PlanRecord] = []
         self._pending: PlanRecord | None = None
-        self._totals, self._switch_totals = _Totals(), _Totals()
+        self._totals = _Totals()
+        self._switch_totals: dict[str, _Totals] = {}     # per store phase at the switch
         self._last_game: int | None = None
         self._last_used: list[int] = []
-        self._window: tuple[list[int], set[int]] | None = None   # the switch being graded
+        self._window: tuple[list[int], set[int], str] | None = None  # the switch being graded
         self._recent: dict[int, deque] = {}     # per game, its cohort experts used per step
 
     def scores(self, obs) -> Tensor:
@@ -674,7 +686,7 @@ class PrefetchPlanner:
                     [e for e in used if e in cohort])
         if record.switch:
             self._close_window()
-            self._window = (record.planned, set())
+            self._window = (record.planned, set(), self.store.phase)
         if self._window is not None:
             self._window[1].update(used)
         return {"precision": _ratio(record.hits, len(record.planned)),
@@ -699,27 +711,37 @@ class PrefetchPlanner:
         """Used experts that had been planned / used experts, over observed steps."""
         return self._totals.figures()["coverage"]
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict:
         """Running totals, precision and coverage over every observed step, and at game
-        switches over their windows (``switches``, ``switch_precision``, ``switch_coverage``)."""
-        t, s = self._totals, replace(self._switch_totals)
+        switches over their windows (``switches``, ``switch_precision``, ``switch_coverage``),
+        also per store phase at the switch (``switch_phases``: ``{phase: {switches,
+        switch_precision, switch_coverage}}``; training switches are ``rollout``'s, the
+        evaluation's game after game ``eval``'s)."""
+        t = self._totals
+        phases = {phase: replace(s) for phase, s in self._switch_totals.items()}
         if self._window is not None:                         # a switch still being graded
-            s.add(*self._window)
+            planned, used, phase = self._window
+            phases.setdefault(phase, _Totals()).add(planned, used)
+        every = _Totals()
+        for s in phases.values():
+            every.merge(s)
         return {"steps": t.steps, "planned": t.planned, "used": t.used, "hits": t.hits,
                 "dropped": t.dropped, "unobserved": t.unobserved, **t.figures(),
-                "switches": s.steps, **{f"switch_{k}": v for k, v in s.figures().items()}}
+                **_switch_figures(every),
+                "switch_phases": {phase: _switch_figures(s) for phase, s in phases.items()}}
 
     def reset(self) -> None:
         """Forget the history, the running totals and the last step's experts."""
         self.history.clear()
         self._pending = None
-        self._totals, self._switch_totals = _Totals(), _Totals()
+        self._totals, self._switch_totals = _Totals(), {}
         self._last_game, self._last_used, self._window = None, [], None
         self._recent.clear()
 
     def _close_window(self) -> None:
         if self._window is not None:
-            self._switch_totals.add(*self._window)
+            planned, used, phase = self._window
+            self._switch_totals.setdefault(phase, _Totals()).add(planned, used)
             self._window = None
 
 

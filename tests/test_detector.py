@@ -286,11 +286,16 @@ def test_a_wrong_prediction_never_evicts_the_last_steps_experts_until_the_game_s
     assert summary["switches"] == 1
     assert (summary["switch_precision"], summary["switch_coverage"]) == (5 / 5, 5 / 6)
     assert (summary["precision"], summary["coverage"]) == (5 / 40, 5 / 12)  # per step
-    planner.plan(OBS, same)                # the next switch closes the window and opens one
-    planner.observe([5])
+    with store.in_phase("eval"):          # the next switch closes the window and opens one
+        planner.plan(OBS, same)
+        planner.observe([5])
     summary = planner.summary()
     assert summary["switches"] == 2
     assert (summary["switch_precision"], summary["switch_coverage"]) == (5 / 10, 5 / 7)
+    # graded by the phase each switch happened in: the first in "other", the second in "eval"
+    assert summary["switch_phases"] == {
+        "other": {"switches": 1, "switch_precision": 5 / 5, "switch_coverage": 5 / 6},
+        "eval": {"switches": 1, "switch_precision": 0 / 5, "switch_coverage": 0 / 1}}
 
 
 def test_planner_over_layers_sharing_one_store(store):

@@ -322,7 +322,9 @@ def test_the_cache_table_averages_traced_moe_runs_over_seeds_and_leaves_out_the_
                      ("lru_bytes_per_update", lambda m: m["lru"]["bytes_per_update"]),
                      ("cache_update_hit_rate",
                       lambda m: m["cache"]["phases"]["update"]["hbm_hit_rate"]),
-                     ("nmi", lambda m: np.mean(m["mutual_information"]))):
+                     ("nmi", lambda m: np.mean(m["mutual_information"])),
+                     ("eval_switch_coverage",      # the planner's, graded per phase
+                      lambda m: m["planner"]["switch_phases"]["eval"]["switch_coverage"])):
         assert row[key] == pytest.approx((get(one) + get(two)) / 2), key
     text = format_cache_table(table)
     assert len(text.splitlines()) == 3 and text.splitlines()[2].startswith("| token | 1,2 |")

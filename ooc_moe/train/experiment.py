@@ -430,6 +430,7 @@ def format_learning_table(table: Mapping[str, dict], at: int) -> str:
 
 
 CACHE_PHASES = ("rollout", "update", "optimizer")
+SWITCH_PHASES = ("rollout", "eval")        # training switches; the evaluation's, game by game
 
 
 def cache_table(runs: Mapping[str, dict]) -> dict[str, dict]:
@@ -438,7 +439,7 @@ def cache_table(runs: Mapping[str, dict]) -> dict[str, dict]:
     NMI (the evaluation's routing), the HBM hit rate per phase of the store and of Belady's
     policy on the same trace, prefetch precision and coverage (store, rollout), bytes moved
     per update by the store, plain LRU and Belady, the planner's precision and coverage at
-    game switches (``PrefetchPlanner.summary``), stall seconds, SPS and the final score.
+    game switches in training and in evaluation (``PrefetchPlanner.summary``), stall seconds, SPS and the final score.
     Runs without a trace (no ``belady``) are left out."""
     by_kind: dict[str, list] = {}
     for name, m in sorted(runs.items()):
@@ -461,8 +462,10 @@ def cache_table(runs: Mapping[str, dict]) -> dict[str, dict]:
                     lambda m: m[source]["phases"][phase]["hbm_hit_rate"])
         for key in ("prefetch_precision", "prefetch_coverage"):
             entry[key] = mean(lambda m: m["cache"]["phases"]["rollout"][key])
-        for key in ("switches", "switch_precision", "switch_coverage"):
-            entry[key] = mean(lambda m: m.get("planner", {}).get(key, math.nan))
+        for phase in SWITCH_PHASES:          # nan: a run older than the planner's phases
+            for key in ("switches", "switch_precision", "switch_coverage"):
+                entry[f"{phase}_{key}"] = mean(lambda m: m.get("planner", {}).get(
+                    "switch_phases", {}).get(phase, {}).get(key, math.nan))
         for source in ("cache", "lru", "belady"):
             entry[f"{source}_bytes_per_update"] = mean(lambda m: m[source]["bytes_per_update"])
         table[kind] = entry
@@ -479,18 +482,21 @@ def format_cache_table(table: Mapping[str, dict]) -> str:
     update in MiB as store / plain LRU / Belady."""
     lines = ["| run | seeds | experts per game (per layer) | NMI | HBM hit rate, store / "
              "Belady: rollout; update; optimizer | prefetch precision / coverage (rollout) "
-             "| planner at game switches: precision / coverage | MiB per update: store / LRU / "
+             "| planner at game switches, precision / coverage: training; evaluation "
+             "| MiB per update: store / LRU / "
              "Belady | stall s | SPS | final score |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, e in table.items():
         hits = "; ".join(f"{e[f'cache_{p}_hit_rate']:.1%} / {e[f'belady_{p}_hit_rate']:.1%}"
                          for p in CACHE_PHASES)
+        switches = "; ".join(f"{_percent(e[f'{p}_switch_precision'])} / "
+                             f"{_percent(e[f'{p}_switch_coverage'])}" for p in SWITCH_PHASES)
         moved = " / ".join(f"{e[f'{s}_bytes_per_update'] / 2**20:,.1f}"
                            for s in ("cache", "lru", "belady"))
         lines.append(
             f"| {kind} | {','.join(map(str, e['seeds']))} | "
             f"{', '.join(f'{x:.1f}' for x in e['experts_per_game'])} | {e['nmi']:.2f} | {hits} | "
             f"{e['prefetch_precision']:.1%} / {e['prefetch_coverage']:.1%} | "
-            f"{_percent(e['switch_precision'])} / {_percent(e['switch_coverage'])} | {moved} | "
+            f"{switches} | {moved} | "
             f"{e['stall_seconds']:.1f} | {e['sps']:.0f} | {e['score']:.1f} |")
     return "\n".join(lines)
