@@ -439,8 +439,11 @@ def cache_table(runs: Mapping[str, dict]) -> dict[str, dict]:
     NMI (the evaluation's routing), the HBM hit rate per phase of the store and of Belady's
     policy on the same trace, prefetch precision and coverage (store, rollout), bytes moved
     per update by the store, plain LRU and Belady, the planner's precision and coverage at
-    game switches in training and in evaluation (``PrefetchPlanner.summary``), stall seconds, SPS and the final score.
-    Runs without a trace (no ``belady``) are left out."""
+    game switches in training and in evaluation (``PrefetchPlanner.summary``), stall
+    seconds, SPS and the final score, with its difference from ``token``'s (plain routing,
+    batch balance) paired by seed and the 95% half-width of that difference
+    (``score_vs_token``, ``score_vs_token_noise``: nan without two shared seeds). Runs
+    without a trace (no ``belady``) are left out."""
     by_kind: dict[str, list] = {}
     for name, m in sorted(runs.items()):
         if "belady" in m:
@@ -469,6 +472,12 @@ def cache_table(runs: Mapping[str, dict]) -> dict[str, dict]:
         for source in ("cache", "lru", "belady"):
             entry[f"{source}_bytes_per_update"] = mean(lambda m: m[source]["bytes_per_update"])
         table[kind] = entry
+    for kind, entry in table.items():
+        shared = [s for s in entry["seeds"] if f"token-seed{s}" in runs and kind != "token"]
+        diff = np.array([runs[f"{kind}-seed{s}"]["average_final_score"]
+                         - runs[f"token-seed{s}"]["average_final_score"] for s in shared])
+        entry["score_vs_token"] = float(diff.mean()) if len(diff) > 1 else math.nan
+        entry["score_vs_token_noise"] = float(half_width_95(diff)) if len(diff) > 1 else math.nan
     return table
 
 
@@ -484,7 +493,7 @@ def format_cache_table(table: Mapping[str, dict]) -> str:
              "Belady: rollout; update; optimizer | prefetch precision / coverage (rollout) "
              "| planner at game switches, precision / coverage: training; evaluation "
              "| MiB per update: store / LRU / "
-             "Belady | stall s | SPS | final score |",
+             "Belady | stall s | SPS | final score (minus token's, paired) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, e in table.items():
         hits = "; ".join(f"{e[f'cache_{p}_hit_rate']:.1%} / {e[f'belady_{p}_hit_rate']:.1%}"
@@ -493,10 +502,12 @@ def format_cache_table(table: Mapping[str, dict]) -> str:
                              f"{_percent(e[f'{p}_switch_coverage'])}" for p in SWITCH_PHASES)
         moved = " / ".join(f"{e[f'{s}_bytes_per_update'] / 2**20:,.1f}"
                            for s in ("cache", "lru", "belady"))
+        versus = ("" if math.isnan(e["score_vs_token_noise"]) else
+                  f" ({e['score_vs_token']:+.1f} ± {e['score_vs_token_noise']:.1f})")
         lines.append(
             f"| {kind} | {','.join(map(str, e['seeds']))} | "
             f"{', '.join(f'{x:.1f}' for x in e['experts_per_game'])} | {e['nmi']:.2f} | {hits} | "
             f"{e['prefetch_precision']:.1%} / {e['prefetch_coverage']:.1%} | "
             f"{switches} | {moved} | "
-            f"{e['stall_seconds']:.1f} | {e['sps']:.0f} | {e['score']:.1f} |")
+            f"{e['stall_seconds']:.1f} | {e['sps']:.0f} | {e['score']:.1f}{versus} |")
     return "\n".join(lines)
