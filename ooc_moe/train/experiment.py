@@ -233,12 +233,17 @@ def summarize(results: Mapping[str, dict]) -> dict:
     return summary
 
 
+def _pairs_by_seed(runs: Sequence[dict], baseline: Sequence[dict]) -> list[tuple[dict, dict]]:
+    """``(run, baseline run)`` for each run whose seed the baseline also ran."""
+    by_seed = {m["args"]["seed"]: m for m in baseline}
+    return [(m, by_seed[m["args"]["seed"]]) for m in runs if m["args"]["seed"] in by_seed]
+
+
 def _paired_with_dense(runs: Sequence[dict], dense: Sequence[dict]) -> dict | None:
     """Forgetting minus the dense baseline's, per game, paired by seed (same seed, same
     environments and evaluation): the mean difference over the seeds both kinds have and its
     95% t half-width (NaN with fewer than two such seeds); None without a common seed."""
-    by_seed = {m["args"]["seed"]: m for m in dense}
-    pairs = [(m, by_seed[m["args"]["seed"]]) for m in runs if m["args"]["seed"] in by_seed]
+    pairs = _pairs_by_seed(runs, dense)
     if not pairs:
         return None
     diff = np.array([np.subtract(m["forgetting"], d["forgetting"]) for m, d in pairs])
@@ -471,13 +476,11 @@ def cache_table(runs: Mapping[str, dict]) -> dict[str, dict]:
                     "switch_phases", {}).get(phase, {}).get(key, math.nan))
         for source in ("cache", "lru", "belady"):
             entry[f"{source}_bytes_per_update"] = mean(lambda m: m[source]["bytes_per_update"])
-        table[kind] = entry
-    for kind, entry in table.items():
-        shared = [s for s in entry["seeds"] if f"token-seed{s}" in runs and kind != "token"]
-        diff = np.array([runs[f"{kind}-seed{s}"]["average_final_score"]
-                         - runs[f"token-seed{s}"]["average_final_score"] for s in shared])
+        pairs = _pairs_by_seed(rows, by_kind.get("token", [])) if kind != "token" else []
+        diff = np.array([m["average_final_score"] - t["average_final_score"] for m, t in pairs])
         entry["score_vs_token"] = float(diff.mean()) if len(diff) > 1 else math.nan
-        entry["score_vs_token_noise"] = float(half_width_95(diff)) if len(diff) > 1 else math.nan
+        entry["score_vs_token_noise"] = float(half_width_95(diff))     # nan below two seeds
+        table[kind] = entry
     return table
 
 
