@@ -242,7 +242,8 @@ def test_notebook_01_hbm_slider_redraws(lab, browser, tmp_path):
     drive(lab, browser, tmp_path, "01_tiered_store.ipynb", None, move_hbm_slider)
 
 
-SECTION_3 = ("QUICK = None", "quick_mode(QUICK)", 'EXPERIMENT = RESULTS / "cpu-demo"', "moe_run =")
+SECTION_3 = ("QUICK = None", "quick_mode(QUICK)", 'ATARI = RESULTS / "atari"', "moe_run =",
+             "sequential_results_widget(atari_runs)")
 
 
 def test_notebook_05_picker_redraws(lab, browser, tmp_path):

@@ -20,9 +20,9 @@ from ooc_moe.scores import (HUMAN_SCORES, aggregate_scores, average_final_score,
                             forgetting, human_normalized)
 from ooc_moe.train import (EvalArgs, PPOArgs, PPOTrainer, TrainArgs, args_from_json,  # noqa: E402
                            build_agent, early_learning, evaluate, evaluate_random,
-                           find_checkpoint, format_learning_table, format_summary,
-                           learning_table,
-                           format_verdict, half_width_95, load_checkpoint, make_env,
+                           find_checkpoint, format_forgetting_table, format_learning_table,
+                           format_summary, learning_table, format_verdict, half_width_95,
+                           load_checkpoint, make_env,
                            paired_changes, run_experiment, save_checkpoint, summarize,
                            train)
 from ooc_moe.train import RUN_KINDS, cache_table, format_cache_table, load_results  # noqa: E402
@@ -526,6 +526,13 @@ def test_verdict_compares_each_kind_with_dense_paired_by_seed():
     assert summary["token"]["vs_dense"]["seeds"] == [2]           # one pair: no interval
     assert np.isnan(summary["token"]["vs_dense"]["forgetting_difference_noise"]).all()
     assert "token: no noise estimate" in verdict
+    table = format_forgetting_table(summary)          # the verdict's figures, one row a kind
+    assert "| `cohort` | 1,2,3 | 1.7 ± 1.4 (-3.3 ± 1.4) | 1.3 ± 3.8 (+0.3 ± 1.4) | 8.0 ± 0.0 |" \
+        in table
+    assert "| `dense` | 1,2,3 | 5.0 ± 2.5 | 1.0 ± 2.5 | 8.0 ± 0.0 |" in table
+    assert "| `token` | 2 | 5.0 ± ? † (+0.0, one seed) | 2.0 ± ? † (+0.0, one seed) |" in table
+    assert table.endswith("Forgot less than `dense` beyond the noise: `cohort` on a. "
+                          "More: no kind.")
 
 
 def test_experiment_reads_finished_runs_back_instead_of_retraining(experiment):
@@ -574,14 +581,16 @@ def test_sequential_plots_draw_from_the_results(experiment):
     assert len(fig.axes) == 4
     assert len(plot_retention(summary).axes) == 2
     fig = plot_forgetting(summary)                       # two seeds: t intervals
-    assert "95% intervals" in fig.axes[0].get_title()
-    (_, caps, _) = fig.axes[0].containers[1]             # token's error bar on synthetic-0
+    assert "95% intervals" in fig.get_suptitle()
+    assert [ax.get_title() for ax in fig.axes] == summary["token"]["games"][:-1]
+    bar_and_error = 2 * list(summary).index("token") + 1   # each kind: a bar, then its error
+    (_, caps, _) = fig.axes[0].containers[bar_and_error]   # token's error bar on synthetic-0
     low, high = sorted(c.get_ydata()[0] for c in caps)
     assert (low, high) == pytest.approx((summary["token"]["forgetting"][0] - summary["token"][
         "forgetting_noise"][0], summary["token"]["forgetting"][0] + summary["token"][
         "forgetting_noise"][0]))
     blind = {k: {**v, "forgetting_noise": [float("nan")] * 2} for k, v in summary.items()}
-    assert "min-max" in plot_forgetting(blind).axes[0].get_title()
+    assert "min-max" in plot_forgetting(blind).get_suptitle()
     fig = plot_game_expert_usage(results["token-seed1"], layer=1, game="synthetic-1")
     assert "layer 1" in fig.axes[0].get_title()
     assert len(plot_game_expert_usage(results["token-seed1"]).axes) == 4   # 2 + colour bars

@@ -30,7 +30,8 @@ from .run import TrainArgs, action_masks, args_from_json, args_to_json, train
 
 __all__ = ["RUN_KINDS", "run_experiment", "summarize", "format_summary", "format_verdict",
            "load_results", "paired_changes", "half_width_95", "early_learning",
-           "learning_table", "format_learning_table", "cache_table", "format_cache_table"]
+           "learning_table", "format_learning_table", "cache_table", "format_cache_table",
+           "format_forgetting_table"]
 
 RUN_KINDS = {"token": {"baseline": "moe", "routing": "token"},
              "env": {"baseline": "moe", "routing": "env"},
@@ -352,14 +353,70 @@ def _versus_dense(games: Sequence[str], paired: dict, learned: set[str]) -> str:
     seeds = ",".join(map(str, paired["seeds"]))
     if len(paired["seeds"]) < 2:
         return f"against dense (seed {seeds}): no noise estimate, no comparison"
-    verdicts = []
+    verdicts = [f"{game} {word} ({d:+.1f} +- {e:.1f})"
+                for game, (word, d, e) in _compared_with_dense(games, paired, learned).items()]
+    return (f"forgetting against dense, paired over seeds {seeds}, on the games both "
+            f"learned: {', '.join(verdicts) or 'none'}")
+
+
+def _compared_with_dense(games: Sequence[str], paired: dict,
+                         learned: set[str]) -> dict[str, tuple[str, float, float]]:
+    """Per ``learned`` game: ``("less" | "more" | "no different", difference, noise)``, the
+    kind's forgetting minus dense's paired by seed against its 95% half-width."""
+    compared = {}
     for game, d, e in zip(games, paired["forgetting_difference"],
                           paired["forgetting_difference_noise"]):
         if game in learned:
-            word = "less" if d < -e else "more" if d > e else "no different"
-            verdicts.append(f"{game} {word} ({d:+.1f} +- {e:.1f})")
-    return (f"forgetting against dense, paired over seeds {seeds}, on the games both "
-            f"learned: {', '.join(verdicts) or 'none'}")
+            compared[game] = ("less" if d < -e else "more" if d > e else "no different", d, e)
+    return compared
+
+
+def format_forgetting_table(summary: Mapping[str, dict]) -> str:
+    """What the verdict rests on, as a Markdown table with one row per kind: its seeds, the
+    forgetting of each game but the last (none plays after it) with its noise and, in
+    brackets, minus dense's paired by seed; the last game's rise (what the kind could still
+    learn); the game-expert NMI and HBM hit rate of MoE kinds. A dagger marks a game not
+    learned beyond the noise in its own stage (its forgetting is noise). Under the table,
+    the kinds that forgot a game both they and dense learned less or more than dense beyond
+    the noise of the paired differences."""
+    learned = {kind: _learned(s) for kind, s in summary.items()}
+    games = next(iter(summary.values()))["games"]
+    rows = ["| kind | seeds | " + " | ".join(f"forgetting of {g} (minus dense's)" for g in games[:-1])
+            + f" | rise on {games[-1]} | NMI | HBM hit rate |",
+            "|---" * (len(games) + 4) + "|"]
+    findings: dict[str, list[str]] = {"less": [], "more": []}
+    for kind, s in summary.items():
+        paired = s.get("vs_dense")
+        both = set(learned[kind] or []) & set(learned.get("dense") or [])
+        compared = (_compared_with_dense(games[:-1], paired, both)
+                    if paired and len(paired["seeds"]) > 1 else {})
+        cells = []
+        for i, game in enumerate(games[:-1]):
+            cell = f"{s['forgetting'][i]:.1f} ± {_noise(s, 'forgetting_noise', i)}"
+            if game not in (learned[kind] or []):
+                cell += " †"
+            if paired:
+                d = paired["forgetting_difference"][i]
+                cell += (f" ({d:+.1f} ± {paired['forgetting_difference_noise'][i]:.1f})"
+                         if len(paired["seeds"]) > 1 else f" ({d:+.1f}, one seed)")
+            cells.append(cell)
+            if game in compared and compared[game][0] in findings:
+                findings[compared[game][0]].append(f"`{kind}` on {game}")
+        store = (f"{s['mutual_information']:.2f} | {s['hit_rate']:.1%}"
+                 if "hit_rate" in s else " | ")
+        rows.append(f"| `{kind}` | {','.join(map(str, s['seeds']))} | " + " | ".join(cells)
+                    + f" | {s['rise'][-1]:.1f} ± {_noise(s, 'rise_noise', -1)} | {store} |")
+    dagger = ["", "† not learned beyond the noise in its own stage."] if any(
+        "†" in row for row in rows) else []
+    return "\n".join(rows + dagger + [
+        "", f"Forgot less than `dense` beyond the noise: {', '.join(findings['less']) or 'no kind'}. "
+        f"More: {', '.join(findings['more']) or 'no kind'}."])
+
+
+def _noise(s: dict, key: str, index: int) -> str:
+    """A summary's 95% half-width at ``index`` of ``key``, or "?" where it has none."""
+    value = s.get(key, [math.nan] * len(s["games"]))[index]
+    return "?" if math.isnan(value) else f"{value:.1f}"
 
 
 def early_learning(history: Sequence[dict], at: int, last: int = 5,

@@ -17,7 +17,8 @@ from ..scores import run_kind
 from .agent import plot_tier_history
 
 
-RUN_COLOURS = {"token": "#264653", "env": "#2a9d8f", "dense": "#e76f51"}
+RUN_COLOURS = {"cnn": "#8d99ae", "dense": "#e76f51", "token": "#264653", "env": "#2a9d8f",
+               "cohort": "#9b5de5"}
 
 
 def _column_scaled(matrices: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -59,33 +60,36 @@ def plot_retention(results: Mapping[str, dict]) -> Figure:
 
 def plot_forgetting(summary: Mapping[str, dict]) -> Figure:
     """Forgetting per game (score at the end of its own stage minus at the end of the
-    sequence; > 0 = forgotten) for each kind of run: the mean over seeds, with its 95%
-    interval (``forgetting_noise``: a t interval over seeds, or with one seed over the
-    evaluation's paired episodes) where the summary has one, else min-max bars."""
+    sequence; > 0 = forgotten), one panel per game (games score on different scales), one
+    bar per kind of run: the mean over seeds, with its 95% interval (``forgetting_noise``:
+    a t interval over seeds, or with one seed over the evaluation's paired episodes) where
+    the summary has one, else min-max bars."""
     kinds = list(summary)
     games = summary[kinds[0]]["games"][:-1]           # the last game cannot be forgotten
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * max(len(games), 1), 3.4), layout="constrained")
-    width = 0.8 / len(kinds)
+    fig, axes = plt.subplots(1, max(len(games), 1), squeeze=False, layout="constrained",
+                             figsize=(1.5 + 2.4 * max(len(games), 1), 3.4))
     intervals = all(np.isfinite(summary[k].get("forgetting_noise", [np.nan])[:len(games)]).all()
                     for k in kinds)
-    for i, kind in enumerate(kinds):
-        s = summary[kind]
-        mean = np.array(s["forgetting"][:len(games)])
-        if intervals:
-            low = high = np.array(s["forgetting_noise"][:len(games)])
-        else:
-            low = mean - np.array(s.get("forgetting_min", s["forgetting"])[:len(games)])
-            high = np.array(s.get("forgetting_max", s["forgetting"])[:len(games)]) - mean
-        x = np.arange(len(games)) + (i - (len(kinds) - 1) / 2) * width
-        ax.bar(x, mean, width, color=RUN_COLOURS.get(kind, "#6c757d"),
-               label=f"{kind} (seeds {','.join(map(str, s.get('seeds', [])))})")
-        ax.errorbar(x, mean, yerr=[low, high], fmt="none", color="black", capsize=3,
-                    linewidth=1)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(games)), games)
-    ax.set(ylabel="forgetting (raw score)", title="forgetting per game (bars: "
-           + ("95% intervals)" if intervals else "min-max over seeds)"))
-    ax.legend(fontsize=8)
+    for g, (ax, game) in enumerate(zip(axes[0], games)):
+        for i, kind in enumerate(kinds):
+            s = summary[kind]
+            mean = s["forgetting"][g]
+            if intervals:
+                low = high = s["forgetting_noise"][g]
+            else:
+                low = mean - s.get("forgetting_min", s["forgetting"])[g]
+                high = s.get("forgetting_max", s["forgetting"])[g] - mean
+            ax.bar(i, mean, 0.8, color=RUN_COLOURS.get(kind, "#adb5bd"),
+                   label=f"{kind} (seeds {','.join(map(str, s.get('seeds', [])))})")
+            ax.errorbar(i, mean, yerr=[[low], [high]], fmt="none", color="black", capsize=3,
+                        linewidth=1)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(kinds)), kinds, rotation=30)
+        ax.set_title(game, fontsize=10)
+    axes[0, 0].set_ylabel("forgetting (raw score)")
+    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle("forgetting per game (bars: "
+                 + ("95% intervals)" if intervals else "min-max over seeds)"), fontsize=10)
     return fig
 
 
@@ -167,7 +171,7 @@ def plot_game_over_stages(results: Mapping[str, dict], game: str) -> Figure:
     labels = ["untrained"] + [f"after {g}" for g in games]
     for name, m in results.items():
         scores = [m["initial"][col]] + [row[col] for row in m["retention"]]
-        ax.plot(labels, scores, "o-", color=RUN_COLOURS.get(run_kind(name), "#6c757d"),
+        ax.plot(labels, scores, "o-", color=RUN_COLOURS.get(run_kind(name), "#adb5bd"),
                 alpha=0.8, label=name)
     ax.axvspan(col + 0.5, col + 1.5, color="#e9c46a", alpha=0.3, label=f"{game}'s own stage")
     ax.set(ylabel=f"{game} score", title=f"{game} through the sequence")
