@@ -7,7 +7,10 @@ one policy head serves every game (``minimal_actions`` names the actions a game 
 which ``TrainArgs.action_mask="legal"`` restricts the policy to). Sticky actions are **off**
 (``repeat_action_probability=0.0``, the ``AtariVectorEnv`` default; the ``ALE/...-v5``
 registrations use 0.25, Machado et al. 2018): pass ``repeat_action_probability=0.25`` to
-compare with v5 results.
+compare with v5 results. A lost life does not end the episode here: ``AtariVectorEnv``'s
+``episodic_life=True`` restarts the whole game at every lost life (Breakout then never shows
+fewer than 5 lives), unlike baselines' ``EpisodicLifeEnv``, which CleanRL uses and which only
+cuts the return there; ``PPOArgs.life_loss_terminal`` does that cut in the trainer instead.
 
 ``collect_frames`` plays each game with uniformly random actions and keeps a strided sample of
 the stacked observations: labelled real frames for training and testing the environment
