@@ -21,10 +21,9 @@ from ooc_moe.scores import (HUMAN_SCORES, aggregate_scores, average_final_score,
 from ooc_moe.train import (EvalArgs, PPOArgs, PPOTrainer, TrainArgs, args_from_json,  # noqa: E402
                            build_agent, early_learning, evaluate, evaluate_random,
                            find_checkpoint, format_forgetting_table, format_learning_table,
-                           format_summary, learning_table, format_verdict, half_width_95,
-                           load_checkpoint, make_env,
-                           paired_changes, run_experiment, save_checkpoint, summarize,
-                           train)
+                           format_summary, format_verdict, half_width_95, learning_table,
+                           load_checkpoint, make_env, paired_changes, run_experiment,
+                           save_checkpoint, summarize, train)
 from ooc_moe.train import RUN_KINDS, cache_table, format_cache_table, load_results  # noqa: E402
 from ooc_moe.train import run as run_module  # noqa: E402
 from ooc_moe.viz import (plot_forgetting, plot_game_expert_usage,  # noqa: E402
@@ -527,10 +526,11 @@ def test_verdict_compares_each_kind_with_dense_paired_by_seed():
     assert np.isnan(summary["token"]["vs_dense"]["forgetting_difference_noise"]).all()
     assert "token: no noise estimate" in verdict
     table = format_forgetting_table(summary)          # the verdict's figures, one row a kind
-    assert "| `cohort` | 1,2,3 | 1.7 ± 1.4 (-3.3 ± 1.4) | 1.3 ± 3.8 (+0.3 ± 1.4) | 8.0 ± 0.0 |" \
-        in table
+    assert ("| `cohort` | 1,2,3 | 1.7 ± 1.4 (-3.3 ± 1.4) | 1.3 ± 3.8 (+0.3 ± 1.4) | "
+            "8.0 ± 0.0 |") in table
     assert "| `dense` | 1,2,3 | 5.0 ± 2.5 | 1.0 ± 2.5 | 8.0 ± 0.0 |" in table
-    assert "| `token` | 2 | 5.0 ± ? † (+0.0, one seed) | 2.0 ± ? † (+0.0, one seed) |" in table
+    assert ("| `token` | 2 | 5.0 ± ? † (+0.0, one seed) | 2.0 ± ? † (+0.0, one seed) |"
+            in table)
     assert table.endswith("Forgot less than `dense` beyond the noise: `cohort` on a. "
                           "More: no kind.")
 

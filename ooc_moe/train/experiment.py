@@ -379,21 +379,22 @@ def format_forgetting_table(summary: Mapping[str, dict]) -> str:
     learned beyond the noise in its own stage (its forgetting is noise). Under the table,
     the kinds that forgot a game both they and dense learned less or more than dense beyond
     the noise of the paired differences."""
-    learned = {kind: _learned(s) for kind, s in summary.items()}
+    learned = {kind: set(_learned(s) or []) for kind, s in summary.items()}
     games = next(iter(summary.values()))["games"]
-    rows = ["| kind | seeds | " + " | ".join(f"forgetting of {g} (minus dense's)" for g in games[:-1])
+    rows = ["| kind | seeds | "
+            + " | ".join(f"forgetting of {g} (minus dense's)" for g in games[:-1])
             + f" | rise on {games[-1]} | NMI | HBM hit rate |",
             "|---" * (len(games) + 4) + "|"]
     findings: dict[str, list[str]] = {"less": [], "more": []}
     for kind, s in summary.items():
         paired = s.get("vs_dense")
-        both = set(learned[kind] or []) & set(learned.get("dense") or [])
+        both = learned[kind] & learned.get("dense", set())
         compared = (_compared_with_dense(games[:-1], paired, both)
                     if paired and len(paired["seeds"]) > 1 else {})
         cells = []
         for i, game in enumerate(games[:-1]):
             cell = f"{s['forgetting'][i]:.1f} ± {_noise(s, 'forgetting_noise', i)}"
-            if game not in (learned[kind] or []):
+            if game not in learned[kind]:
                 cell += " †"
             if paired:
                 d = paired["forgetting_difference"][i]
@@ -408,9 +409,9 @@ def format_forgetting_table(summary: Mapping[str, dict]) -> str:
                     + f" | {s['rise'][-1]:.1f} ± {_noise(s, 'rise_noise', -1)} | {store} |")
     dagger = ["", "† not learned beyond the noise in its own stage."] if any(
         "†" in row for row in rows) else []
+    less, more = (", ".join(findings[word]) or "no kind" for word in ("less", "more"))
     return "\n".join(rows + dagger + [
-        "", f"Forgot less than `dense` beyond the noise: {', '.join(findings['less']) or 'no kind'}. "
-        f"More: {', '.join(findings['more']) or 'no kind'}."])
+        "", f"Forgot less than `dense` beyond the noise: {less}. More: {more}."])
 
 
 def _noise(s: dict, key: str, index: int) -> str:
