@@ -53,11 +53,10 @@ def _gpu_check(args: argparse.Namespace) -> None:
 def _dist_layer(args: argparse.Namespace) -> None:
     """One rank of a torchrun job: train the expert-parallel layer, print this rank's figures
     and, with ``--out``, write them to ``OUT/rank-<rank>.json``."""
-    import torch.distributed as dist
-
-    from .distributed import init_from_env, train_sharded_layer
+    from .distributed import init_from_env, leave_process_group, train_sharded_layer
 
     rank, world = init_from_env()
+    finished = False
     try:
         figures = train_sharded_layer(args.num_experts, args.expert_dim, args.hidden_dim,
                                       args.top_k, args.tokens, args.hbm_capacity, args.steps,
@@ -73,8 +72,9 @@ def _dist_layer(args: argparse.Namespace) -> None:
         if args.out:
             with open(os.path.join(args.out, f"rank-{rank}.json"), "w") as f:
                 json.dump(figures, f)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        leave_process_group(finished)
 
 
 def _store_demo(args: argparse.Namespace) -> None:
@@ -173,6 +173,7 @@ def _train(args: argparse.Namespace, atari: bool) -> None:
     if (not resume and args.out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
             and find_checkpoint(args.out) is not None):
         resume = args.out                   # a restarted job continues, it does not restart
+    metrics = None
     try:
         try:
             if resume:
@@ -184,10 +185,9 @@ def _train(args: argparse.Namespace, atari: bool) -> None:
         except (ValueError, FileNotFoundError) as err:   # bad flags, an earlier run's --out,
             raise SystemExit(f"error: {err}") from None  # a checkpoint of another world size
     finally:
-        import torch.distributed as dist
+        from .distributed import leave_process_group
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(finished=metrics is not None)
     if rank:
         return                              # rank 0 reports for the job
     history = metrics["history"]

@@ -475,11 +475,12 @@ def _dist_rank(rank: int, world: int, cfg: DistBenchConfig, directory: str) -> N
     ``directory/rank-<rank>.json``."""
     import torch.distributed as dist
 
-    from .distributed import train_sharded_layer
+    from .distributed import leave_process_group, train_sharded_layer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank,
                             world_size=world)
+    finished = False
     try:
         figures = train_sharded_layer(cfg.num_experts, cfg.expert_dim, cfg.hidden_dim,
                                       cfg.top_k, cfg.tokens, cfg.hbm_capacity // world,
@@ -487,8 +488,9 @@ def _dist_rank(rank: int, world: int, cfg: DistBenchConfig, directory: str) -> N
                                       path=os.path.join(directory, "experts"))
         with open(os.path.join(directory, f"rank-{rank}.json"), "w") as f:
             json.dump(figures, f)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        leave_process_group(finished)
 
 
 def bench_dist(cfg: DistBenchConfig) -> dict:

@@ -59,7 +59,7 @@ from .moe.router import RouterOutput
 from .store import TieredExpertStore
 
 __all__ = ["shard_store", "owner_of", "ShardedMoELayer", "train_sharded_layer", "init_from_env",
-           "launch_sharded_layer", "shard_dir", "world_info", "any_rank", "gather_lists", "sum_over_ranks",
+           "leave_process_group", "launch_sharded_layer", "shard_dir", "world_info", "any_rank", "gather_lists", "sum_over_ranks",
            "average_gradients"]
 
 
@@ -256,6 +256,19 @@ def init_from_env() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave_process_group(finished: bool) -> None:
+    """Tear down the default process group, if any. A rank that ``finished`` its work first
+    waits at a barrier for the others: one that destroys its gloo pairs while a slower peer
+    still finishes the last collective can abort that peer (seen once in CI:
+    "terminate called without an active exception"). After a failure there is no barrier,
+    since the other ranks may never reach it."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def train_sharded_layer(num_experts: int = 16, expert_dim: int = 32, hidden_dim: int = 64,
                         top_k: int = 2, tokens: int = 256, hbm_capacity: int = 2,
                         steps: int = 5, *, warmup: int = 0,
@@ -330,7 +343,9 @@ def launch_sharded_layer(nproc: int = 2, out: str | os.PathLike | None = None,
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         if result.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit status {result.returncode}); "
+                               f"the ranks printed:\n{result.stdout[-2000:]}\n"
+                               f"and on stderr:\n{result.stderr[-3000:]}")
         print("".join(sorted(result.stdout.splitlines(keepends=True))), end="")
         ranks = []
         for r in range(nproc):
