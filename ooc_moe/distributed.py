@@ -332,13 +332,15 @@ def launch_sharded_layer(nproc: int = 2, out: str | os.PathLike | None = None,
     """Run ``torchrun --standalone --nproc_per_node nproc -m ooc_moe dist-layer`` (each rank
     one torch thread; ``options`` become its flags, e.g. ``steps=3``), print what the ranks
     printed and return their figures, rank by rank. ``out``: where the expert files and
-    figures go (default: a temporary directory, removed)."""
+    figures go (default: a temporary directory, removed). If a rank dies, torchrun restarts
+    the job once (``--max_restarts 1``) and what the failed attempt wrote to stderr is shown."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="ooc-moe-dist-") as tmp:
         out = str(out or tmp)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(nproc), "-m", "ooc_moe", "dist-layer", "--out", out]
+               "--nproc_per_node", str(nproc), "--max_restarts", "1", "-m", "ooc_moe",
+               "dist-layer", "--out", out]
         cmd += [f"--{k}={v}" for k, v in options.items()]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -346,6 +348,8 @@ def launch_sharded_layer(nproc: int = 2, out: str | os.PathLike | None = None,
             raise RuntimeError(f"{' '.join(cmd)} failed (exit status {result.returncode}); "
                                f"the ranks printed:\n{result.stdout[-2000:]}\n"
                                f"and on stderr:\n{result.stderr[-3000:]}")
+        if result.stderr:
+            print(result.stderr[-3000:], file=sys.stderr)
         print("".join(sorted(result.stdout.splitlines(keepends=True))), end="")
         ranks = []
         for r in range(nproc):
