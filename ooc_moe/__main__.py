@@ -23,7 +23,7 @@ from .store import TieredExpertStore
 from .store.stats import LINKS
 from .train.evaluate import EvalArgs
 from .train.ppo import OLDER_TOKENS, PPOArgs
-from .train.run import ACTION_MASKS
+from .train.run import ACTION_MASKS, ATARI_ENVS
 from .workloads import access_pattern, game_blocks, replay
 
 
@@ -142,8 +142,8 @@ def _train_args(args: argparse.Namespace, atari: bool) -> "TrainArgs":
         hbm_capacity=args.hbm_capacity, dram_capacity=args.dram_capacity,
         load_balance_coef=args.load_balance_coef, balance=args.balance,
         balance_horizon=args.balance_horizon, cohort_size=args.cohort_size,
-        encoder_init=args.encoder_init, action_mask=args.action_mask, detector=args.detector,
-        trace=args.trace,
+        encoder_init=args.encoder_init, action_mask=args.action_mask, atari_env=args.atari_env,
+        detector=args.detector, trace=args.trace,
         checkpoint_every=args.checkpoint_every, ppo=PPOArgs(**ppo),
         eval=EvalArgs(episodes=args.eval_episodes, max_steps=args.eval_max_steps,
                       seed=args.eval_seed))
@@ -331,6 +331,9 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
     run.add_argument("--action_mask", choices=list(ACTION_MASKS), default="none",
                      help="none: the policy picks from all 18 actions in every game; legal: "
                           "from the played game's minimal action set (as CleanRL plays it)")
+    run.add_argument("--atari_env", choices=list(ATARI_ENVS), default="vector",
+                     help="vector: ale-py's C++ AtariVectorEnv; cleanrl: CleanRL's Python "
+                          "wrappers (FIRE and a fresh frame stack after a lost life; slower)")
     run.add_argument("--seed", type=int, default=1,
                      help="seeds python, numpy, torch and the environments")
     run.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")

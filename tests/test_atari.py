@@ -99,3 +99,110 @@ def test_action_masks_hold_each_games_legal_actions_and_all_of_a_synthetic_one()
     assert masks.dtype == torch.bool and masks.shape == (2, 18)
     assert masks[0].nonzero().flatten().tolist() == [0, 1, 3, 4]
     assert masks[1].all()
+
+
+# -- CleanRL's wrappers (--atari_env cleanrl) ------------------------------------------------
+def _noop_until_game_over(env, steps: int) -> tuple[list, bool, float]:
+    """Play NOOP only in env 0 (the reset's FIRE launched the ball); the lives seen after
+    each step, whether the game ended and its return."""
+    lives, total = [], 0.0
+    for _ in range(steps):
+        _, reward, terminated, truncated, info = env.step(np.zeros(env.num_envs, np.int64))
+        total += reward[0]
+        if terminated[0] or truncated[0]:
+            return lives, True, total
+        lives.append(int(info["lives"][0]))
+    return lives, False, total
+
+
+def test_cleanrl_atari_matches_make_atari_frames_and_actions():
+    from ooc_moe.envs.cleanrl_atari import make_cleanrl_atari
+
+    env = make_cleanrl_atari("breakout", 2, seed=3, autoreset_mode="SameStep")
+    vector = make_atari("breakout", 2, seed=3, noop_max=0)
+    try:
+        obs, info = env.reset(seed=3)
+        first, _ = vector.reset(seed=3)
+        assert obs.shape == first.shape == (2, 4, 84, 84) and obs.dtype == np.uint8
+        assert env.single_action_space.n == 18 and info["lives"].tolist() == [5, 5]
+        assert all((obs[:, k] == obs[:, -1]).all() for k in range(4))  # the stack starts full
+        # the same emulator, grey-scaling and 84x84 area resize: the newest frames agree
+        # (up to the no-ops at reset, which move nothing in Breakout before the serve)
+        assert np.abs(obs[0, -1].astype(int) - first[0, -1].astype(int)).mean() < 1.0
+    finally:
+        env.close()
+        vector.close()
+
+
+def test_cleanrl_atari_relaunches_the_ball_and_restarts_the_stack_after_a_lost_life():
+    """Breakout needs FIRE to serve after a lost life: with NOOPs only, make_atari's game
+    stalls after the first lost life, while CleanRL's wrappers serve for the agent (NOOP,
+    FIRE, action 2), so the game runs through all five lives as one episode."""
+    from ooc_moe.envs.cleanrl_atari import make_cleanrl_atari
+
+    vector = make_atari("breakout", 1, seed=0)
+    try:
+        lives, ended, _ = _noop_until_game_over(vector, 3000)
+        assert not ended and lives[-1] == 4                     # one life lost, then nothing
+    finally:
+        vector.close()
+    env = make_cleanrl_atari("breakout", 1, seed=0, autoreset_mode="SameStep")
+    try:
+        env.reset(seed=0)
+        lives = [5]
+        while True:
+            obs, _, terminated, truncated, info = env.step(np.zeros(1, np.int64))
+            if terminated[0] or truncated[0]:
+                break
+            if info["lives"][0] < lives[-1]:                    # the stack starts afresh
+                assert all((obs[0, k] == obs[0, -1]).all() for k in range(4))
+            lives.append(int(info["lives"][0]))
+            assert len(lives) < 3000, "the game should end: the wrappers serve each ball"
+        assert lives[-1] == 1 and sorted(set(lives)) == [1, 2, 3, 4, 5]
+    finally:
+        env.close()
+
+
+def test_cleanrl_atari_clips_rewards_only_when_asked():
+    """Space Invaders pays 5 to 30 points an invader: raw rewards, or their sign."""
+    from ooc_moe.envs.cleanrl_atari import make_cleanrl_atari
+
+    for clip in (False, True):
+        env = make_cleanrl_atari("space_invaders", 2, seed=1, reward_clipping=clip)
+        rng = np.random.default_rng(1)
+        rewards = np.concatenate([env.step(rng.integers(0, 18, 2))[1] for _ in range(400)])
+        env.close()
+        if clip:
+            assert set(rewards.tolist()) == {0.0, 1.0}
+        else:
+            assert rewards.max() >= 5.0
+
+
+def test_train_args_name_the_atari_envs():
+    from ooc_moe.train import TrainArgs
+
+    assert TrainArgs().atari_env == "vector"                    # runs before the flag: vector
+    with pytest.raises(ValueError, match="atari_env must be one of"):
+        TrainArgs(atari_env="gym")
+
+
+def test_training_with_cleanrl_atari_plays_and_evaluates_through_its_wrappers(monkeypatch,
+                                                                             tmp_path):
+    from ooc_moe.envs import cleanrl_atari
+    from ooc_moe.train import EvalArgs, PPOArgs, TrainArgs, train
+
+    made = []
+
+    def spy(game, num_envs, seed=0, **kw):
+        made.append((game, num_envs))
+        return make_cleanrl(game, num_envs, seed, **kw)
+
+    make_cleanrl = cleanrl_atari.make_cleanrl_atari
+    monkeypatch.setattr(cleanrl_atari, "make_cleanrl_atari", spy)
+    args = TrainArgs(games=("breakout",), steps_per_game=32, baseline="cnn", device="cpu",
+                     atari_env="cleanrl", out=str(tmp_path),
+                     ppo=PPOArgs(num_envs=2, num_steps=16, num_minibatches=1, update_epochs=1),
+                     eval=EvalArgs(episodes=2, max_steps=8))
+    metrics = train(args, progress=False)
+    assert metrics["args"]["atari_env"] == "cleanrl"
+    assert ("breakout", 2) in made and len(made) >= 3     # training, random play, evaluations

@@ -13,7 +13,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 # conda-forge names that differ from the PyPI names
-CONDA_NAMES = {"pytorch": "torch"}
+CONDA_NAMES = {"pytorch": "torch", "opencv": "opencv-python-headless"}
 
 
 def _split(requirement: str) -> tuple[str, str]:

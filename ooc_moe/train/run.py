@@ -80,10 +80,11 @@ from .evaluate import EvalArgs, evaluate, evaluate_random
 from .ppo import PPOArgs, PPOTrainer
 
 __all__ = ["TrainArgs", "make_env", "action_masks", "build_agent", "build_trainer", "train",
-           "args_from_json", "args_to_json", "BASELINES", "ACTION_MASKS"]
+           "args_from_json", "args_to_json", "BASELINES", "ACTION_MASKS", "ATARI_ENVS"]
 
 BASELINES = ("moe", "dense", "cnn")
 ACTION_MASKS = ("none", "legal")
+ATARI_ENVS = ("vector", "cleanrl")
 
 
 @dataclass
@@ -112,6 +113,8 @@ class TrainArgs:
     cohort_size: int | None = None  # experts per game and layer; None: HBM slots per layer
     encoder_init: str = "cleanrl"   # "cleanrl" or "torch" (MoERLAgentConfig.encoder_init)
     action_mask: str = "none"       # "none": all 18 actions; "legal": each game's minimal set
+    atari_env: str = "vector"       # "vector": ale-py's AtariVectorEnv; "cleanrl": CleanRL's
+                                    # wrappers (FIRE and a fresh frame stack at a lost life)
     detector: bool = True           # train a detector online and prefetch with it (MoE only)
     trace: bool = False             # record every store call (trace.npz)
     checkpoint_every: int = 0       # also checkpoint every N updates (0: after stages only)
@@ -129,6 +132,9 @@ class TrainArgs:
         if self.action_mask not in ACTION_MASKS:
             raise ValueError(f"action_mask must be one of {ACTION_MASKS}, got "
                              f"{self.action_mask!r} (e.g. --action_mask legal)")
+        if self.atari_env not in ATARI_ENVS:
+            raise ValueError(f"atari_env must be one of {ATARI_ENVS}, got {self.atari_env!r} "
+                             "(e.g. --atari_env cleanrl)")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if self.steps_per_game < self.ppo.batch_size:
@@ -149,11 +155,17 @@ class TrainArgs:
             encoder_init=self.encoder_init)
 
 
-def make_env(game: str, num_envs: int, seed: int):
-    """A vectorised env that autoresets in the same step and reports raw rewards."""
+def make_env(game: str, num_envs: int, seed: int, atari_env: str = "vector"):
+    """A vectorised env that autoresets in the same step and reports raw rewards; an Atari
+    game through ``make_atari``, or with ``atari_env="cleanrl"`` through CleanRL's wrappers
+    (``make_cleanrl_atari``)."""
     if game.startswith("synthetic"):
         from ..envs.synthetic import make_synthetic
         return make_synthetic(game, num_envs, seed=seed, autoreset_mode="SameStep")
+    if atari_env == "cleanrl":
+        from ..envs.cleanrl_atari import make_cleanrl_atari
+        return make_cleanrl_atari(game, num_envs, seed=seed, autoreset_mode="SameStep",
+                                  reward_clipping=False)
     from ..envs.atari import make_atari
     return make_atari(game, num_envs, seed=seed, autoreset_mode="SameStep",
                       reward_clipping=False)
@@ -414,7 +426,8 @@ class _Run:
         """``play(env, game_index)`` on every game's evaluation env, in order."""
         results = []
         for game_index, game in enumerate(self.args.games):
-            env = make_env(game, self.args.eval.episodes, self.args.eval.seed)
+            env = make_env(game, self.args.eval.episodes, self.args.eval.seed,
+                           self.args.atari_env)
             try:
                 results.append(play(env, game_index))
             finally:
@@ -446,7 +459,7 @@ class _Run:
         iterations = args.steps_per_game // args.ppo.batch_size
         # a resumed stage starts its environments afresh (episodes in flight are not saved)
         seed = args.seed + 1000 * game_index + self.iteration + 1_000_000 * self.rank
-        env = make_env(game, trainer.args.num_envs, seed)      # this rank's share
+        env = make_env(game, trainer.args.num_envs, seed, args.atari_env)  # this rank's share
         state = trainer.start(env, seed)
         bar = tqdm(range(self.iteration, iterations), desc=f"{game} ({args.baseline})",
                    disable=not progress, initial=self.iteration, total=iterations)
