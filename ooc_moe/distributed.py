@@ -59,8 +59,8 @@ from .moe.router import RouterOutput
 from .store import TieredExpertStore
 
 __all__ = ["shard_store", "owner_of", "ShardedMoELayer", "train_sharded_layer", "init_from_env",
-           "leave_process_group", "launch_sharded_layer", "shard_dir", "world_info", "any_rank", "gather_lists", "sum_over_ranks",
-           "average_gradients"]
+           "leave_process_group", "launch_sharded_layer", "shard_dir", "world_info", "any_rank",
+           "gather_lists", "sum_over_ranks", "average_gradients"]
 
 
 def owner_of(expert: int, world: int) -> tuple[int, int]:
@@ -350,7 +350,8 @@ def launch_sharded_layer(nproc: int = 2, out: str | os.PathLike | None = None,
                                f"and on stderr:\n{result.stderr[-3000:]}")
         if result.stderr:
             print(result.stderr[-3000:], file=sys.stderr)
-        print("".join(sorted(result.stdout.splitlines(keepends=True))), end="")
+        lines = {line.split(":")[0]: line for line in result.stdout.splitlines()}
+        print("\n".join(lines[rank] for rank in sorted(lines)))  # a restart's last attempt
         ranks = []
         for r in range(nproc):
             with open(os.path.join(out, f"rank-{r}.json")) as f:

@@ -178,10 +178,24 @@ def test_cleanrl_atari_clips_rewards_only_when_asked():
             assert rewards.max() >= 5.0
 
 
-def test_train_args_name_the_atari_envs():
-    from ooc_moe.train import TrainArgs
+def test_cleanrl_atari_serves_as_cleanrl_does_and_only_in_games_with_fire():
+    """CleanRL's FireResetEnv steps FIRE, then the game's own action 2 (RIGHT in Breakout,
+    not the full set's UP); Freeway has no FIRE, so nothing is pressed for the agent."""
+    from ooc_moe.envs.cleanrl_atari import _one_env
 
-    assert TrainArgs().atari_env == "vector"                    # runs before the flag: vector
+    breakout, freeway = _one_env("breakout", False), _one_env("freeway", False)
+    assert breakout.serve == [1, 3] and freeway.serve == []
+    breakout.close()
+    freeway.close()
+
+
+def test_train_args_name_the_atari_envs():
+    from ooc_moe.train import TrainArgs, args_from_json
+    from ooc_moe.train.run import args_to_json
+
+    saved = args_to_json(TrainArgs())
+    del saved["atari_env"]                                      # a run from before the flag
+    assert args_from_json(saved).atari_env == "vector"
     with pytest.raises(ValueError, match="atari_env must be one of"):
         TrainArgs(atari_env="gym")
 
@@ -202,7 +216,8 @@ def test_training_with_cleanrl_atari_plays_and_evaluates_through_its_wrappers(mo
     args = TrainArgs(games=("breakout",), steps_per_game=32, baseline="cnn", device="cpu",
                      atari_env="cleanrl", out=str(tmp_path),
                      ppo=PPOArgs(num_envs=2, num_steps=16, num_minibatches=1, update_epochs=1),
-                     eval=EvalArgs(episodes=2, max_steps=8))
+                     eval=EvalArgs(episodes=3, max_steps=8))
     metrics = train(args, progress=False)
     assert metrics["args"]["atari_env"] == "cleanrl"
-    assert ("breakout", 2) in made and len(made) >= 3     # training, random play, evaluations
+    assert made.count(("breakout", 2)) == 1               # the stage's training envs
+    assert made.count(("breakout", 3)) == 3               # random play, before and after

@@ -1,10 +1,11 @@
 """Atari as CleanRL's ``ppo_atari.py`` plays it: gymnasium's Python ``AtariEnv`` per environment
 with its wrapper stack, for comparing this package's environments with CleanRL's.
 
-``make_atari`` (ale-py's C++ ``AtariVectorEnv``) and CleanRL agree on the frames (84x84 grey,
-max-pooled frameskip 4, up to 30 no-ops at reset, FIRE at reset, no sticky actions) but not on a
-lost life. CleanRL's ``EpisodicLifeEnv`` ends the episode there, and the vector env's autoreset
-runs ``EpisodicLifeEnv.reset`` (one NOOP) and ``FireResetEnv.reset`` (FIRE, then action 2), and
+``make_atari`` (ale-py's C++ ``AtariVectorEnv``) and CleanRL nearly agree on the frames (84x84
+grey, max-pooled frameskip 4, up to 30 no-ops at reset, FIRE at reset, no sticky actions; here,
+as there, the grey comes from ALE's palette, where CleanRL converts RGB) but not on a lost life. CleanRL's ``EpisodicLifeEnv`` ends the episode there, and the vector env's autoreset
+runs ``EpisodicLifeEnv.reset`` (one NOOP) and, in games with FIRE, ``FireResetEnv.reset`` (FIRE,
+then the third action of the game's own set, RIGHT in Breakout), and
 ``FrameStack`` restarts its stack from the new frame. So a CleanRL agent never has to press
 FIRE to relaunch the ball and never sees the frames before the lost life. ``make_cleanrl_atari``
 does the same steps at a lost life without ending the episode (``PPOArgs.life_loss_terminal``
@@ -27,21 +28,23 @@ from collections import deque
 import gymnasium as gym
 import numpy as np
 
-from .atari import _env_seeds, normalize_game_name
+from .atari import _env_seeds, minimal_actions, normalize_game_name
 
 __all__ = ["LifeLossRestart", "make_cleanrl_atari"]
 
-NOOP, FIRE, AFTER_FIRE = 0, 1, 2      # CleanRL's FireResetEnv steps FIRE, then action 2
+NOOP, FIRE = 0, 1                       # indices in the full 18-action space
 
 
 class LifeLossRestart(gym.Wrapper):
     """Stack the last ``stack`` frames and, at reset and after a lost life, do what CleanRL's
-    wrappers do: NOOP (a lost life only), FIRE and action 2 when the game has FIRE, then start
-    the stack afresh from the newest frame. The episode ends only with the game."""
+    wrappers do: NOOP (a lost life only), then in a game with FIRE, FIRE and action 2 of the
+    game's own action set (``minimal``, as full-space indices); then start the stack afresh
+    from the newest frame. The episode ends only with the game."""
 
-    def __init__(self, env: gym.Env, stack: int = 4, clip_rewards: bool = False):
+    def __init__(self, env: gym.Env, minimal: list[int], stack: int = 4,
+                 clip_rewards: bool = False):
         super().__init__(env)
-        self.fires = "FIRE" in env.unwrapped.get_action_meanings()
+        self.serve = [FIRE, minimal[2]] if FIRE in minimal and len(minimal) >= 3 else []
         self.clip_rewards = clip_rewards
         self.frames: deque = deque(maxlen=stack)
         self.lives = 0
@@ -64,8 +67,8 @@ class LifeLossRestart(gym.Wrapper):
 
     def reset(self, **kwargs):
         frame, info = self.env.reset(**kwargs)
-        if self.fires:
-            frame, _, terminated, truncated, info = self._play([FIRE, AFTER_FIRE])
+        if self.serve:
+            frame, _, terminated, truncated, info = self._play(self.serve)
             if terminated or truncated:
                 frame, info = self.env.reset()
         self.lives = info["lives"]
@@ -75,8 +78,7 @@ class LifeLossRestart(gym.Wrapper):
         frame, reward, terminated, truncated, info = self.env.step(action)
         lost_life = 0 < info["lives"] < self.lives
         if lost_life and not (terminated or truncated):
-            frame, more, terminated, truncated, info = self._play(
-                [NOOP, FIRE, AFTER_FIRE] if self.fires else [NOOP])
+            frame, more, terminated, truncated, info = self._play([NOOP] + self.serve)
             reward += more
         self.lives = info["lives"]
         if lost_life and not (terminated or truncated):
@@ -96,7 +98,7 @@ def _one_env(rom: str, clip_rewards: bool) -> LifeLossRestart:
                    max_num_frames_per_episode=108_000)
     env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84,
                                           terminal_on_life_loss=False, grayscale_obs=True)
-    return LifeLossRestart(env, clip_rewards=clip_rewards)
+    return LifeLossRestart(env, minimal_actions(rom), clip_rewards=clip_rewards)
 
 
 def make_cleanrl_atari(game: str, num_envs: int, seed: int = 0, *,
