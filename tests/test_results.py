@@ -157,6 +157,19 @@ def test_the_atari_preset_plays_games_the_pilot_or_the_learning_check_found_lear
     assert set(preset["games"].split(",")) <= learned | {"breakout"}
 
 
+def test_freeway_is_all_or_nothing_as_notebook_05_says():
+    """Notebook 05's conclusion: a run's Freeway score after its own stage is either near the
+    pilot's or exactly 0, and a run at 0 never scored in any training episode of the stage."""
+    pilot = load_results(RESULTS / "atari-pilot" / "freeway")["cnn-seed1"]["retention"][-1][0]
+    for name, run in load_results(RESULTS / "atari").items():
+        stage = run["games"].index("freeway")
+        own = run["retention"][stage][stage]
+        assert own == 0.0 or own >= 0.75 * pilot, (name, own, pilot)
+        returns = [r for h in run["history"] if h["game"] == "freeway"
+                   for r in h["charts/episodic_returns"]]
+        assert returns and (own > 0 or max(returns) == 0.0), (name, own, max(returns))
+
+
 def test_readme_states_the_synthetic_runs_core_minutes():
     """The core minutes README gives for ``results/synthetic`` are the sum of the runs' own
     ``seconds``."""
