@@ -102,17 +102,16 @@ def test_action_masks_hold_each_games_legal_actions_and_all_of_a_synthetic_one()
 
 
 # -- CleanRL's wrappers (--atari_env cleanrl) ------------------------------------------------
-def _noop_until_game_over(env, steps: int) -> tuple[list, bool, float]:
+def _noop_until_game_over(env, steps: int) -> tuple[list, bool]:
     """Play NOOP only in env 0 (the reset's FIRE launched the ball); the lives seen after
-    each step, whether the game ended and its return."""
-    lives, total = [], 0.0
+    each step and whether the game ended."""
+    lives = []
     for _ in range(steps):
-        _, reward, terminated, truncated, info = env.step(np.zeros(env.num_envs, np.int64))
-        total += reward[0]
+        _, _, terminated, truncated, info = env.step(np.zeros(env.num_envs, np.int64))
         if terminated[0] or truncated[0]:
-            return lives, True, total
+            return lives, True
         lives.append(int(info["lives"][0]))
-    return lives, False, total
+    return lives, False
 
 
 def test_cleanrl_atari_matches_make_atari_frames_and_actions():
@@ -142,7 +141,7 @@ def test_cleanrl_atari_relaunches_the_ball_and_restarts_the_stack_after_a_lost_l
 
     vector = make_atari("breakout", 1, seed=0)
     try:
-        lives, ended, _ = _noop_until_game_over(vector, 3000)
+        lives, ended = _noop_until_game_over(vector, 3000)
         assert not ended and lives[-1] == 4                     # one life lost, then nothing
     finally:
         vector.close()

@@ -2,17 +2,17 @@
 with its wrapper stack, for comparing this package's environments with CleanRL's.
 
 ``make_atari`` (ale-py's C++ ``AtariVectorEnv``) and CleanRL nearly agree on the frames (84x84
-grey, max-pooled frameskip 4, up to 30 no-ops at reset, FIRE at reset, no sticky actions; here,
-as there, the grey comes from ALE's palette, where CleanRL converts RGB) but not on a lost life. CleanRL's ``EpisodicLifeEnv`` ends the episode there, and the vector env's autoreset
-runs ``EpisodicLifeEnv.reset`` (one NOOP) and, in games with FIRE, ``FireResetEnv.reset`` (FIRE,
-then the third action of the game's own set, RIGHT in Breakout), and
-``FrameStack`` restarts its stack from the new frame. So a CleanRL agent never has to press
-FIRE to relaunch the ball and never sees the frames before the lost life. ``make_cleanrl_atari``
-does the same steps at a lost life without ending the episode (``PPOArgs.life_loss_terminal``
-cuts the return there, as ``EpisodicLifeEnv`` does), so
-episode returns still count whole games; the rewards of those extra steps (almost always 0)
-count in the step's reward. A stack starts as copies of its first frame (``AtariVectorEnv``
-starts it from zeros). Resizing is OpenCV's ``INTER_AREA``, as in CleanRL.
+grey, max-pooled frameskip 4, up to 30 no-ops at reset, FIRE at reset, no sticky actions; the
+grey comes from ALE's palette in both here, from RGB in CleanRL) but not on a lost life.
+CleanRL's ``EpisodicLifeEnv`` ends the episode there, and the vector env's autoreset runs
+``EpisodicLifeEnv.reset`` (one NOOP) and, in games with FIRE, ``FireResetEnv.reset`` (FIRE, then
+the third action of the game's own set, RIGHT in Breakout), and ``FrameStack`` restarts its
+stack from the new frame. So a CleanRL agent never has to press FIRE to relaunch the ball and
+never sees the frames before the lost life. ``make_cleanrl_atari`` does the same steps at a
+lost life without ending the episode (``PPOArgs.life_loss_terminal`` cuts the return there, as
+``EpisodicLifeEnv`` does), so episode returns still count whole games; the rewards of those
+extra steps (almost always 0) count in the step's reward. A stack starts as copies of its first
+frame (AtariVectorEnv's starts from zeros). Resizing is OpenCV's ``INTER_AREA``, as in CleanRL.
 
 It steps its environments one after another in Python, where ``AtariVectorEnv`` runs them in
 C++ threads: use it for that comparison (``--atari_env cleanrl``), not by default.
