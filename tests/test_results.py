@@ -107,6 +107,18 @@ def test_the_synthetic_preset_is_what_readme_states_and_made_its_results():
         assert all(args[k] == v for k, v in RUN_KINDS[kind].items()), name
 
 
+@pytest.mark.parametrize("experiment", ["synthetic"])
+def test_the_tables_and_verdict_in_readme_are_what_the_summary_gives(experiment):
+    """README shows ``experiment``'s retention tables and verdict as ``experiment`` prints them
+    from the committed summary (which test_summary_is_what_its_runs_give checks against the
+    runs), so no figure there is typed by hand."""
+    summary = json.loads((RESULTS / experiment / "summary.json").read_text())
+    readme = (RESULTS.parent / "README.md").read_text()
+    assert format_summary(summary) in readme, f"README's {experiment} tables differ from its " \
+        "summary: paste the output of its command"
+    assert format_verdict(summary) in readme, f"README's {experiment} verdict differs"
+
+
 def test_the_routing_table_in_readme_is_what_the_runs_give():
     """README's table of ``results/routing`` is ``format_cache_table`` of the committed runs,
     every one of them traced."""
