@@ -42,7 +42,9 @@ HUMAN_SCORES: dict[str, tuple[float, float]] = {
     "phoenix": (761.4, 7242.6), "name_this_game": (2292.3, 8049.0),
     "battle_zone": (2360.0, 37187.5), "double_dunk": (-18.6, -16.4),
     "space_invaders": (148.0, 1668.7), "seaquest": (68.4, 42054.7), "enduro": (0.0, 860.5),
-    "ms_pacman": (307.3, 6951.6),
+    "ms_pacman": (307.3, 6951.6), "road_runner": (11.5, 7845.0),
+    "kung_fu_master": (258.5, 22736.3), "demon_attack": (152.1, 1971.0),
+    "crazy_climber": (10780.5, 35829.4),
 }
 
 

@@ -16,6 +16,7 @@ from gymnasium.spaces import Discrete
 
 matplotlib.use("Agg")
 
+from ooc_moe.envs import normalize_game_name  # noqa: E402
 from ooc_moe.scores import (HUMAN_SCORES, aggregate_scores, average_final_score,  # noqa: E402
                             forgetting, human_normalized)
 from ooc_moe.train import (EvalArgs, PPOArgs, PPOTrainer, TrainArgs, args_from_json,  # noqa: E402
@@ -60,6 +61,7 @@ def test_human_normalized_scores_follow_the_table():
     assert human_normalized("synthetic-0", 50.0, random_score=10.0) == pytest.approx(
         100 * 40 / (200 - 200 / 18))
     assert all(human < random or human > random for random, human in HUMAN_SCORES.values())
+    assert all(normalize_game_name(game) == game for game in HUMAN_SCORES)   # ALE's ROM ids
     # random play under the run's own protocol replaces the table's random score
     assert human_normalized("pong", -10.0, random_score=-12.0) == pytest.approx(
         100 * 2.0 / (14.6 + 20.7))
