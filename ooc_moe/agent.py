@@ -192,7 +192,10 @@ class NatureCNN(nn.Module):
             init(nn.Linear(64 * 7 * 7, dim)), nn.ReLU())
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.net(obs.to(torch.float32, copy=True).div_(255.0))   # never the caller's
+        # a copy (never the caller's), channels last: PyTorch's CPU convolutions run faster
+        # forward and backward on that layout than on the default one
+        x = obs.to(torch.float32, memory_format=torch.channels_last, copy=True)
+        return self.net(x.div_(255.0))
 
 
 class ContextWindows:

@@ -151,6 +151,13 @@ def test_cnn_agent_is_cleanrls_agent_weight_for_weight_and_output_for_output():
     ref_logits, ref_values = theirs.get_action_and_value(x.float())
     torch.testing.assert_close(logits, ref_logits)
     torch.testing.assert_close(values, ref_values.squeeze(-1))
+    assert torch.equal(x, obs(5))                         # the caller's frames are untouched
+    (logits.sum() + values.sum()).backward()            # ours runs its convolutions channels
+    (ref_logits.sum() + ref_values.sum()).backward()    # last, CleanRL's in the default layout
+    ours_grads = {k.replace("encoder.net.", "network."): p.grad
+                  for k, p in ours.named_parameters()}
+    for name, p in theirs.named_parameters():
+        torch.testing.assert_close(ours_grads[name], p.grad, msg=name)
     assert float(aux) == 0.0 and ours.store is None and ours.moe_layers == []
     n = sum(p.numel() for p in ours.parameters())
     assert n == sum(p.numel() for p in theirs.parameters()) == \
