@@ -171,7 +171,8 @@ def test_the_atari_preset_plays_games_the_pilot_or_the_learning_check_found_lear
 
 def test_freeway_is_all_or_nothing_as_notebook_05_says():
     """Notebook 05's conclusion: a run's Freeway score after its own stage is either near the
-    pilot's or exactly 0, and a run at 0 never scored in any training episode of the stage."""
+    pilot's or exactly 0; a run at 0 scored in at most one training episode of the stage, a
+    run that learned it in most of them."""
     pilot = load_results(RESULTS / "atari-pilot" / "freeway")["cnn-seed1"]["retention"][-1][0]
     for name, run in load_results(RESULTS / "atari").items():
         stage = run["games"].index("freeway")
@@ -179,7 +180,9 @@ def test_freeway_is_all_or_nothing_as_notebook_05_says():
         assert own == 0.0 or own >= 0.75 * pilot, (name, own, pilot)
         returns = [r for h in run["history"] if h["game"] == "freeway"
                    for r in h["charts/episodic_returns"]]
-        assert returns and (own > 0 or max(returns) == 0.0), (name, own, max(returns))
+        scored = sum(r > 0 for r in returns)
+        assert returns and (scored <= 1 if own == 0.0 else scored > len(returns) / 2), \
+            (name, own, scored, len(returns))
 
 
 def test_readme_states_the_synthetic_runs_core_minutes():
