@@ -41,6 +41,10 @@ def test_forward_shapes():
     assert torch.allclose(det(obs.view(5, 4, 1, 84, 84))[0], game_logits)  # [B, T, C, H, W]
     assert torch.allclose(det(obs.float() / 255)[0], game_logits, atol=1e-6)
     assert torch.allclose(det(obs.numpy())[0], game_logits)
+    floats = obs.float() / 255                      # the same layers in the default layout
+    hidden = det.proj(torch.flatten(det.encoder[:-1](floats), 1))
+    torch.testing.assert_close(det.game_head(hidden), game_logits)
+    assert torch.equal(floats, obs.float() / 255)                 # the caller's, untouched
     pred = det.predict(obs, top_k=3)
     assert pred.game_probs.shape == (5, 3) and pred.expert_probs.shape == (5, 2, 8)
     assert [len(s) for s in pred.prefetch_set] == [3, 3]
