@@ -164,6 +164,10 @@ def test_the_atari_preset_plays_games_the_pilot_or_the_learning_check_found_lear
         assert (args["eval"]["episodes"], args["eval"]["max_steps"]) == (
             preset["eval_episodes"], preset["eval_max_steps"])
         s = summary["cnn"]
+        game = s["games"][0]
+        assert (f"{game}: untrained {s['initial'][0]:.1f}; after {game} "
+                f"{s['retention'][0][0]:.1f}; rise in own stage {s['rise'][0]:.1f}; noise (95%) "
+                f"{s['rise_noise'][0]:.1f}") in readme, game
         if s["rise"][0] > s["rise_noise"][0]:
             learned.add(s["games"][0])
     assert set(preset["games"].split(",")) <= learned | {"breakout"}
