@@ -107,7 +107,7 @@ def test_the_synthetic_preset_is_what_readme_states_and_made_its_results():
         assert all(args[k] == v for k, v in RUN_KINDS[kind].items()), name
 
 
-@pytest.mark.parametrize("experiment", ["synthetic"])
+@pytest.mark.parametrize("experiment", ["synthetic", "atari"])
 def test_the_tables_and_verdict_in_readme_are_what_the_summary_gives(experiment):
     """README shows ``experiment``'s retention tables and verdict as ``experiment`` prints them
     from the committed summary (which test_summary_is_what_its_runs_give checks against the
@@ -187,6 +187,29 @@ def test_freeway_is_all_or_nothing_as_notebook_05_says():
         scored = sum(r > 0 for r in returns)
         assert returns and (scored <= 1 if own == 0.0 else scored > len(returns) / 2), \
             (name, own, scored, len(returns))
+
+
+def test_freeway_in_the_atari_runs_is_what_readme_says():
+    """README on results/atari: Freeway learned (own-stage score above 0) by the cnn in one
+    seed, dense in none, token and cohort in two each; at the end the cnn's and one cohort run
+    had lost it all, the other MoE runs still scored; no kind forgot a learned game beyond the
+    noise; the twelve runs took the core hours README states."""
+    runs = load_results(RESULTS / "atari")
+    learned, kept = {}, {}
+    for name, run in runs.items():
+        stage = run["games"].index("freeway")
+        if run["retention"][stage][stage] > 0:
+            kind = name.rsplit("-seed", 1)[0]
+            learned[kind] = learned.get(kind, 0) + 1
+            kept.setdefault(kind, []).append(run["retention"][-1][stage] > 0)
+    assert learned == {"cnn": 1, "token": 2, "cohort": 2}
+    assert {kind: sorted(v) for kind, v in kept.items()} == {
+        "cnn": [False], "token": [True, True], "cohort": [False, True]}
+    verdict = format_verdict(json.loads((RESULTS / "atari" / "summary.json").read_text()))
+    assert verdict.count("forgotten beyond noise by the end: none") == 4
+    readme = (RESULTS.parent / "README.md").read_text()
+    stated = int(re.search(r"The twelve runs took (\d+) hours of one core", readme).group(1))
+    assert stated == round(sum(m["seconds"] for m in runs.values()) / 3600)
 
 
 def test_readme_states_the_synthetic_runs_core_minutes():
