@@ -193,7 +193,7 @@ class EnvironmentDetector(nn.Module):
                 f"{self.obs_shape}), got {tuple(x.shape)}")
         device = self.game_head.weight.device
         channels_last = torch.channels_last     # faster CPU convolutions, as in NatureCNN
-        if x.dtype == torch.uint8:
+        if x.dtype == torch.uint8:                               # a copy: div_ is safe
             return x.to(device, torch.float32, memory_format=channels_last).div_(255.0)
         if not x.is_floating_point():
             raise ValueError(f"observations must be uint8 frames (or floats in [0, 1]), got "

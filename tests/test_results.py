@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ooc_moe.scores import forgetting
+from ooc_moe.scores import forgetting, run_kind
 from ooc_moe.train import (cache_table, format_cache_table, format_summary, format_verdict,
                            learning_table, load_results, summarize)
 
@@ -169,7 +169,7 @@ def test_the_atari_preset_plays_games_the_pilot_or_the_learning_check_found_lear
                 f"{s['retention'][0][0]:.1f}; rise in own stage {s['rise'][0]:.1f}; noise (95%) "
                 f"{s['rise_noise'][0]:.1f}") in readme, game
         if s["rise"][0] > s["rise_noise"][0]:
-            learned.add(s["games"][0])
+            learned.add(game)
     assert set(preset["games"].split(",")) <= learned | {"breakout"}
 
 
@@ -199,7 +199,7 @@ def test_freeway_in_the_atari_runs_is_what_readme_says():
     for name, run in runs.items():
         stage = run["games"].index("freeway")
         if run["retention"][stage][stage] > 0:
-            kind = name.rsplit("-seed", 1)[0]
+            kind = run_kind(name)
             learned[kind] = learned.get(kind, 0) + 1
             kept.setdefault(kind, []).append(run["retention"][-1][stage] > 0)
     assert learned == {"cnn": 1, "token": 2, "cohort": 2}
