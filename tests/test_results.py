@@ -147,13 +147,14 @@ def test_cohort_routing_meets_the_cache_targets_the_readme_states():
             assert abs(row["score_vs_token"]) <= row["score_vs_token_noise"], kind
 
 
-def test_the_atari_preset_plays_games_the_pilot_or_the_learning_check_found_learned():
-    """README's pilot lines are the committed runs' verdicts; every game of ``--preset atari``
+@pytest.mark.parametrize("name", ["atari", "atari2"])
+def test_the_atari_presets_play_games_the_pilot_or_the_learning_check_found_learned(name):
+    """README's pilot lines are the committed runs' verdicts; every game of the Atari presets
     was learned beyond the noise in the pilot, at the preset's budget and evaluation, except
     Breakout, whose evidence is the learning check."""
     from ooc_moe.__main__ import PRESETS
 
-    preset = PRESETS["atari"]
+    preset = PRESETS[name]
     readme = (RESULTS.parent / "README.md").read_text()
     learned = set()
     for path in sorted((RESULTS / "atari-pilot").glob("*/summary.json")):
