@@ -39,7 +39,8 @@ def _bench(args: argparse.Namespace) -> None:
             extra = {"older_tokens": args.older_tokens} if name == "train" else {}
             results[name] = run(make(device=args.device, directory=args.dir, **extra))
     if args.json:
-        bench.write_json(results, args.json)
+        bench.write_json({**results, "command": _command(),
+                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, args.json)
         print(f"figures written to {args.json}")
 
 

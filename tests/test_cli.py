@@ -3,6 +3,8 @@
 import argparse
 import dataclasses
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -188,9 +190,15 @@ def test_bench_train_quick_reports_sps_and_ratios(tmp_path):
     result = run("bench", "train", "--quick", "--older_tokens", "recycled", "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert "moe/dense" in result.stdout and "dense/cnn" in result.stdout
-    figures = json.loads(out.read_text())["train"]
+    written = json.loads(out.read_text())
+    assert written["command"] == ("python -m ooc_moe bench train --quick --older_tokens "
+                                  f"recycled --json {out}")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", written["date"])
+    figures = written["train"]
     assert figures["config"]["older_tokens"] == "recycled" and "older tokens recycled" in \
         result.stdout
+    assert figures["cpus"] == os.cpu_count() and figures["load_before"] >= 0
+    assert f"load average before {figures['load_before']:.2f}" in result.stdout
     assert set(figures["agents"]) == {"cnn", "dense", "moe"}
     for agent in figures["agents"].values():          # quick: 2 iterations of 4 envs x 32
         assert len(agent["iteration_seconds"]) == 2 and agent["steps"] == 2 * 4 * 32

@@ -220,3 +220,22 @@ def test_readme_states_the_synthetic_runs_core_minutes():
     stated = int(re.search(r"The runs took (\d+) minutes of one core", readme).group(1))
     runs = load_results(RESULTS / "synthetic")
     assert stated == round(sum(m["seconds"] for m in runs.values()) / 60)
+
+
+def test_the_bench_train_tables_in_readme_are_what_the_json_files_hold():
+    """README's `bench train` rows are the committed figures, rounded as printed there."""
+    readme = (RESULTS.parent / "README.md").read_text()
+
+    def cells(path: Path) -> str:
+        train = json.loads((RESULTS / "bench-train" / path).read_text())["train"]
+        sps, ratios = {k: a["sps"] for k, a in train["agents"].items()}, train["ratios"]
+        return (f"{sps['cnn']:.1f} | {sps['dense']:.1f} | {sps['moe']:.1f} | "
+                f"{ratios['moe/dense']:.2f} | {ratios['dense/cnn']:.2f} |")
+
+    main = json.loads((RESULTS / "bench-train" / "bench-train.json").read_text())["train"]
+    sps = {k: a["sps"] for k, a in main["agents"].items()}
+    assert (f"| {main['env']['sps']:.0f} | {sps['cnn']:.0f} | {sps['dense']:.0f} | "
+            f"{sps['moe']:.0f} ({main['agents']['moe']['hit_rate']:.1%}) | "
+            f"{main['ratios']['moe/dense']:.2f} | {main['ratios']['dense/cnn']:.2f} |") in readme
+    for tokens, label in (("fresh", "fresh (the default)"), ("recycled", "recycled")):
+        assert f"| {label} | " + cells(Path("older-tokens") / f"{tokens}.json") in readme, tokens
