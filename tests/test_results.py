@@ -239,3 +239,9 @@ def test_the_bench_train_tables_in_readme_are_what_the_json_files_hold():
             f"{main['ratios']['moe/dense']:.2f} | {main['ratios']['dense/cnn']:.2f} |") in readme
     for tokens, label in (("fresh", "fresh (the default)"), ("recycled", "recycled")):
         assert f"| {label} | " + cells(Path("older-tokens") / f"{tokens}.json") in readme, tokens
+
+
+def test_readme_lists_the_second_atari_series_runs_committed_so_far():
+    readme = (RESULTS.parent / "README.md").read_text()
+    listed = re.search(r"In so\s+far: ([a-z0-9, -]+)\.", readme).group(1)
+    assert listed.split(", ") == sorted(load_results(RESULTS / "atari2"))
