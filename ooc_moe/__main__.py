@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -216,9 +217,6 @@ def _train(args: argparse.Namespace, atari: bool) -> None:
 
 
 def _learning(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
     from .train import format_learning_table, learning_table
 
     runs = {Path(d).name: json.loads((Path(d) / "metrics.json").read_text())

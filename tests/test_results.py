@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from ooc_moe.scores import forgetting, run_kind
-from ooc_moe.train import (cache_table, format_cache_table, format_summary, format_verdict,
-                           learning_table, load_results, summarize)
+from ooc_moe.train import (cache_table, format_cache_table, format_learning_table, format_summary,
+                           format_verdict, learning_table, load_results, summarize)
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 EXPERIMENTS = sorted(p.parent for p in RESULTS.glob("*/summary.json"))
@@ -245,3 +245,19 @@ def test_readme_lists_the_second_atari_series_runs_committed_so_far():
     readme = (RESULTS.parent / "README.md").read_text()
     listed = re.search(r"In so\s+far: ([a-z0-9, -]+)\.", readme).group(1)
     assert listed.split(", ") == sorted(load_results(RESULTS / "atari2"))
+
+
+def test_each_learning_table_in_readme_is_what_its_command_prints():
+    """Every ``python -m ooc_moe learning DIR... --at STEP`` in README's code blocks is followed
+    by the table that command prints over the committed runs (globs expanded as a shell does)."""
+    readme = (RESULTS.parent / "README.md").read_text()
+    commands = re.findall(r"^python -m ooc_moe learning ((?:[^\n]|\\\n)+?) --at (\d+)$",
+                          readme, flags=re.M)
+    assert len(commands) >= 4
+    for dirs, at in commands:
+        paths = [p for pattern in dirs.replace("\\\n", " ").split()
+                 for p in sorted(RESULTS.parent.glob(pattern))]
+        runs = {p.name: json.loads((p / "metrics.json").read_text()) for p in paths
+                if (p / "metrics.json").is_file()}
+        table = format_learning_table(learning_table(runs, int(at)), int(at))
+        assert table in readme, (dirs, at)
