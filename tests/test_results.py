@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from ooc_moe.scores import forgetting, run_kind
-from ooc_moe.train import (cache_table, format_cache_table, format_learning_table, format_summary,
-                           format_verdict, learning_table, load_results, summarize)
+from ooc_moe.train import (cache_table, format_cache_table, format_forgetting_table,
+                           format_learning_table, format_summary, format_verdict, learning_table,
+                           load_results, summarize)
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 EXPERIMENTS = sorted(p.parent for p in RESULTS.glob("*/summary.json"))
@@ -107,7 +108,7 @@ def test_the_synthetic_preset_is_what_readme_states_and_made_its_results():
         assert all(args[k] == v for k, v in RUN_KINDS[kind].items()), name
 
 
-@pytest.mark.parametrize("experiment", ["synthetic", "atari"])
+@pytest.mark.parametrize("experiment", ["synthetic", "cpu-demo", "atari"])
 def test_the_tables_and_verdict_in_readme_are_what_the_summary_gives(experiment):
     """README shows ``experiment``'s retention tables and verdict as ``experiment`` prints them
     from the committed summary (which test_summary_is_what_its_runs_give checks against the
@@ -117,6 +118,8 @@ def test_the_tables_and_verdict_in_readme_are_what_the_summary_gives(experiment)
     assert format_summary(summary) in readme, f"README's {experiment} tables differ from its " \
         "summary: paste the output of its command"
     assert format_verdict(summary) in readme, f"README's {experiment} verdict differs"
+    if experiment == "atari":
+        assert format_forgetting_table(summary) in readme, "README's forgetting table differs"
 
 
 def test_the_routing_table_in_readme_is_what_the_runs_give():
@@ -168,7 +171,8 @@ def test_the_atari_presets_play_games_the_pilot_or_the_learning_check_found_lear
         game = s["games"][0]
         assert (f"{game}: untrained {s['initial'][0]:.1f}; after {game} "
                 f"{s['retention'][0][0]:.1f}; rise in own stage {s['rise'][0]:.1f}; noise (95%) "
-                f"{s['rise_noise'][0]:.1f}") in readme, game
+                f"{s['rise_noise'][0]:.1f}; SPS {s['sps']:.0f} {s['seconds'] / 60:.1f} "
+                "min/run") in readme, game
         if s["rise"][0] > s["rise_noise"][0]:
             learned.add(game)
     assert set(preset["games"].split(",")) <= learned | {"breakout"}
@@ -261,3 +265,30 @@ def test_each_learning_table_in_readme_is_what_its_command_prints():
                 if (p / "metrics.json").is_file()}
         table = format_learning_table(learning_table(runs, int(at)), int(at))
         assert table in readme, (dirs, at)
+
+
+def test_readme_distributed_figures_are_the_committed_ones():
+    """README's paragraph on what scales: the layer bench and the whole-agent runs."""
+    text = " ".join((RESULTS.parent / "README.md").read_text().split())
+    two = json.loads((RESULTS / "bench-dist" / "bench-dist.json").read_text())["dist"]["runs"]["2"]
+    assert (f"2 gloo ranks train it {two['speedup']:.2f} times as fast as one, the exchanges "
+            f"take {two['exchange_share']:.0%} of a 2-rank step and send "
+            f"{two['bytes_per_step']['between_ranks'] / 1e6:.1f} MB between the ranks") in text
+    sps = {run: json.loads((RESULTS / "dist-atari" / run / "metrics.json").read_text())["sps"]
+           for run in ("dense-two", "dense-one", "two-ranks", "one-rank")}
+    assert (f"runs at {sps['dense-two']:.0f} steps/s on 2 ranks against {sps['dense-one']:.0f} "
+            f"on one ({sps['dense-two'] / sps['dense-one']:.1f}x)") in text
+    assert (f"at {sps['two-ranks']:.0f} against {sps['one-rank']:.0f} "
+            f"({sps['two-ranks'] / sps['one-rank']:.2f}x)") in text
+
+
+def test_the_learning_check_table_in_readme_is_what_its_runs_give():
+    """README's first learning-check table: training returns over the first and last 100
+    episodes, the evaluation before and after, and the minutes of each seed-1 run."""
+    readme = (RESULTS.parent / "README.md").read_text()
+    for run, label in (("moe-seed1", "MoE (`token`)"), ("dense-seed1", "dense")):
+        m = json.loads((RESULTS / "breakout-learning" / run / "metrics.json").read_text())
+        returns = [r for h in m["history"] for r in h["charts/episodic_returns"]]
+        assert (f"| {label} | {np.mean(returns[:100]):.1f} | {np.mean(returns[-100:]):.1f} | "
+                f"{m['initial'][0]:.1f} -> {m['retention'][0][0]:.1f} | "
+                f"{m['seconds'] / 60:.0f} min |") in readme, run
