@@ -292,3 +292,18 @@ def test_the_learning_check_table_in_readme_is_what_its_runs_give():
         assert (f"| {label} | {np.mean(returns[:100]):.1f} | {np.mean(returns[-100:]):.1f} | "
                 f"{m['initial'][0]:.1f} -> {m['retention'][0][0]:.1f} | "
                 f"{m['seconds'] / 60:.0f} min |") in readme, run
+
+
+def test_readme_states_what_the_cap_is_worth_on_pong():
+    """The cpu-demo paragraph: random play under the 600-step cap (the routing runs, the same
+    evaluation) against the table's whole-game random score, in normalised points."""
+    from ooc_moe.scores import HUMAN_SCORES
+
+    text = " ".join((RESULTS.parent / "README.md").read_text().split())
+    run = load_results(RESULTS / "routing")["token-seed1"]
+    demo = next(iter(load_results(RESULTS / "cpu-demo").values()))
+    assert run["args"]["eval"] == demo["args"]["eval"] and run["games"][0] == "pong"
+    capped, (random, human) = run["random_scores"][0], HUMAN_SCORES["pong"]
+    assert (f"random play on Pong scores {capped:.1f} under this evaluation") in text
+    assert (f"against the table's {random:.1f}, which alone is worth "
+            f"{100 * (capped - random) / (human - random):.0f} normalised points") in text
