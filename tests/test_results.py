@@ -307,3 +307,20 @@ def test_readme_states_what_the_cap_is_worth_on_pong():
     assert (f"random play on Pong scores {capped:.1f} under this evaluation") in text
     assert (f"against the table's {random:.1f}, which alone is worth "
             f"{100 * (capped - random) / (human - random):.0f} normalised points") in text
+
+
+def test_readme_learning_check_prose_is_what_its_runs_give():
+    """The MoE learning-check run's hit rate (mean over updates, and after 100,000 steps), and
+    the three-seed runs meeting issue 11's bar of 0.8x the cnn on the last 100 episodes."""
+    text = " ".join((RESULTS.parent / "README.md").read_text().split())
+    moe = load_results(RESULTS / "breakout-learning")["moe-seed1"]
+    later = [h["store/hit_rate"] for h in moe["history"] if h["global_step"] > 100_000]
+    assert (f"HBM served {np.mean(moe['hit_rate']):.0%} of the MoE run's expert accesses "
+            f"({np.mean(later):.0%} after the first 100,000 steps)") in text
+    last = learning_table({**load_results(RESULTS / "breakout-cnn"),
+                           **load_results(RESULTS / "breakout-learning")}, 409_600)
+    measure = {kind: last[kind]["return_last"]
+               for kind in ("cnn", "dense-cleanrl", "moe-cleanrl")}
+    assert "both window agents meet issue 11's bar of 0.8x CleanRL's agent" in text
+    assert measure["dense-cleanrl"] > measure["cnn"] > measure["moe-cleanrl"] >= 0.8 * \
+        measure["cnn"], measure
