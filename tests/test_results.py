@@ -324,3 +324,18 @@ def test_readme_learning_check_prose_is_what_its_runs_give():
     assert "both window agents meet issue 11's bar of 0.8x CleanRL's agent" in text
     assert measure["dense-cleanrl"] > measure["cnn"] > measure["moe-cleanrl"] >= 0.8 * \
         measure["cnn"], measure
+
+
+def test_readme_compares_the_cleanrl_environment_runs_with_the_vector_env_ones():
+    """The runs through CleanRL's wrappers against the cnn's on ``AtariVectorEnv``, same seed:
+    the measure of the learning tables (the mean of the last 100 training episodes)."""
+    text = " ".join((RESULTS.parent / "README.md").read_text().split())
+    cleanrl = load_results(RESULTS / "breakout-cleanrlenv")
+    vector = load_results(RESULTS / "breakout-cnn")
+    for name, run in cleanrl.items():
+        assert run["args"]["atari_env"] == "cleanrl" and run_kind(name) == "cnn-cleanrlenv"
+        seed = run["args"]["seed"]
+        last = {k: learning_table({k: m}, 409_600)[run_kind(k)]["return_last"]
+                for k, m in ((name, run), (f"cnn-seed{seed}", vector[f"cnn-seed{seed}"]))}
+        assert (f"seed {seed}'s last 100 training episodes average {last[name]:.2f}, against "
+                f"{last[f'cnn-seed{seed}']:.2f} for the same seed on `AtariVectorEnv`") in text
