@@ -419,8 +419,9 @@ PRESETS = {
                    "runs": "token,dense", "seeds": "1", "eval_episodes": 4,
                    "eval_max_steps": 600, "out": "runs/atari-demo"},
 }
-ATARI_RESULTS = ("results/cpu-demo: three games at demo size; results/atari-pilot: the "
-                 "games a CPU budget teaches; results/breakout-learning")
+ATARI_RESULTS = ("results/atari and results/atari2: the two series on real games; "
+                 "results/atari-pilot: the games a CPU budget teaches; results/cpu-demo: three "
+                 "games at demo size; results/breakout-learning")
 
 
 def _describe(preset: dict) -> str:

@@ -108,7 +108,7 @@ def test_the_synthetic_preset_is_what_readme_states_and_made_its_results():
         assert all(args[k] == v for k, v in RUN_KINDS[kind].items()), name
 
 
-@pytest.mark.parametrize("experiment", ["synthetic", "cpu-demo", "atari"])
+@pytest.mark.parametrize("experiment", ["synthetic", "cpu-demo", "atari", "atari2"])
 def test_the_tables_and_verdict_in_readme_are_what_the_summary_gives(experiment):
     """README shows ``experiment``'s retention tables and verdict as ``experiment`` prints them
     from the committed summary (which test_summary_is_what_its_runs_give checks against the
@@ -339,3 +339,12 @@ def test_readme_compares_the_cleanrl_environment_runs_with_the_vector_env_ones()
                 for k, m in ((name, run), (f"cnn-seed{seed}", vector[f"cnn-seed{seed}"]))}
         assert (f"seed {seed}'s last 100 training episodes average {last[name]:.2f}, against "
                 f"{last[f'cnn-seed{seed}']:.2f} for the same seed on `AtariVectorEnv`") in text
+
+
+def test_road_runner_in_the_second_series_is_what_readme_says():
+    """The cnn's seeds kept very different shares of their Road Runner score by the end (one
+    nothing, one most of it)."""
+    runs = load_results(RESULTS / "atari2")
+    kept = [m["retention"][-1][0] / m["retention"][1][0] for name, m in runs.items()
+            if run_kind(name) == "cnn"]
+    assert len(kept) == 3 and min(kept) < 0.1 and max(kept) > 0.5, kept
