@@ -398,22 +398,20 @@ SYNTHETIC = {**DEMO_SIZES, "games": "synthetic-0,synthetic-1,synthetic-2",
              "steps_per_game": 3072, "gamma": 0.0, "num_steps": 32, "learning_rate": 1e-3,
              "eval_episodes": 8, "eval_max_steps": 200, "runs": "cnn,dense,token,cohort",
              "seeds": "1,2,3,4,5", "jobs": 2, "out": "runs/synthetic"}
+# The first Atari series: three real games the cnn learns beyond the noise in 204,800 steps
+# each on a CPU (the pilot, results/atari-pilot); four kinds x three seeds, hours per run
+ATARI = {**DEMO_SIZES, "games": "breakout,freeway,seaquest", "steps_per_game": 204_800,
+         "runs": "cnn,dense,token,cohort", "seeds": "1,2,3", "eval_episodes": 8,
+         "eval_max_steps": 4000, "checkpoint_every": 25, "jobs": 2, "out": "runs/atari"}
 PRESETS = {
     "synthetic": SYNTHETIC,
     # `make demo`: the synthetic tier, smaller (<= 15 min on 2 CPU cores)
     "synthetic-demo": {**SYNTHETIC, "runs": "dense,cohort", "seeds": "1,2,3",
                        "out": "runs/demo"},
-    # three real games the cnn learns beyond the noise in 204,800 steps each on a CPU (the
-    # pilot, results/atari-pilot); four kinds x three seeds, hours per run
-    "atari": {**DEMO_SIZES, "games": "breakout,freeway,seaquest", "steps_per_game": 204_800,
-              "runs": "cnn,dense,token,cohort", "seeds": "1,2,3", "eval_episodes": 8,
-              "eval_max_steps": 4000, "checkpoint_every": 25, "jobs": 2, "out": "runs/atari"},
+    "atari": ATARI,
     # the second series: the two games the pilot's cnn learnt furthest beyond the noise in
     # every seed, most reliable first, then Seaquest (learnt by most kinds in "atari")
-    "atari2": {**DEMO_SIZES, "games": "road_runner,kung_fu_master,seaquest",
-               "steps_per_game": 204_800, "runs": "cnn,dense,token,cohort", "seeds": "1,2,3",
-               "eval_episodes": 8, "eval_max_steps": 4000, "checkpoint_every": 25, "jobs": 2,
-               "out": "runs/atari2"},
+    "atari2": {**ATARI, "games": "road_runner,kung_fu_master,seaquest", "out": "runs/atari2"},
     # three real games at a budget where the agents barely learn (results/cpu-demo)
     "atari-demo": {**DEMO_SIZES, "games": "pong,breakout,boxing", "steps_per_game": 12_288,
                    "runs": "token,dense", "seeds": "1", "eval_episodes": 4,

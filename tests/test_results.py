@@ -21,6 +21,12 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 EXPERIMENTS = sorted(p.parent for p in RESULTS.glob("*/summary.json"))
 
 
+def readme_text(flat: bool = False) -> str:
+    """README's text; ``flat``: every run of whitespace one space (prose across line breaks)."""
+    text = (RESULTS.parent / "README.md").read_text()
+    return " ".join(text.split()) if flat else text
+
+
 def test_there_are_committed_results_for_notebook_05():
     assert EXPERIMENTS, "no results/*/summary.json: run `python -m ooc_moe demo --out " \
                         "results/<name>` (or `experiment`) and commit its JSON and PNG files"
@@ -84,7 +90,7 @@ def test_the_synthetic_preset_is_what_readme_states_and_made_its_results():
     from ooc_moe.train import RUN_KINDS
 
     preset = PRESETS["synthetic"]
-    readme = (RESULTS.parent / "README.md").read_text()
+    readme = readme_text()
     section = readme[readme.index("(`results/synthetic/`)"):]
     section = " ".join(section[:section.index("\n### ")].split())
     for key, value in preset.items():
@@ -114,7 +120,7 @@ def test_the_tables_and_verdict_in_readme_are_what_the_summary_gives(experiment)
     from the committed summary (which test_summary_is_what_its_runs_give checks against the
     runs), so no figure there is typed by hand."""
     summary = json.loads((RESULTS / experiment / "summary.json").read_text())
-    readme = (RESULTS.parent / "README.md").read_text()
+    readme = readme_text()
     assert format_summary(summary) in readme, f"README's {experiment} tables differ from its " \
         "summary: paste the output of its command"
     assert format_verdict(summary) in readme, f"README's {experiment} verdict differs"
@@ -128,7 +134,7 @@ def test_the_routing_table_in_readme_is_what_the_runs_give():
     runs = load_results(RESULTS / "routing")
     assert runs and all("belady" in m and "lru" in m for m in runs.values())
     table = format_cache_table(cache_table(runs))
-    assert table in (RESULTS.parent / "README.md").read_text(), \
+    assert table in readme_text(), \
         "README's routing table differs from the runs: paste format_cache_table's output"
 
 
@@ -158,7 +164,7 @@ def test_the_atari_presets_play_games_the_pilot_or_the_learning_check_found_lear
     from ooc_moe.__main__ import PRESETS
 
     preset = PRESETS[name]
-    readme = (RESULTS.parent / "README.md").read_text()
+    readme = readme_text()
     learned = set()
     for path in sorted((RESULTS / "atari-pilot").glob("*/summary.json")):
         summary = json.loads(path.read_text())
@@ -212,7 +218,7 @@ def test_freeway_in_the_atari_runs_is_what_readme_says():
         "cnn": [False], "token": [True, True], "cohort": [False, True]}
     verdict = format_verdict(json.loads((RESULTS / "atari" / "summary.json").read_text()))
     assert verdict.count("forgotten beyond noise by the end: none") == 4
-    readme = (RESULTS.parent / "README.md").read_text()
+    readme = readme_text()
     stated = int(re.search(r"The twelve runs took (\d+) hours of one core", readme).group(1))
     assert stated == round(sum(m["seconds"] for m in runs.values()) / 3600)
 
@@ -220,7 +226,7 @@ def test_freeway_in_the_atari_runs_is_what_readme_says():
 def test_readme_states_the_synthetic_runs_core_minutes():
     """The core minutes README gives for ``results/synthetic`` are the sum of the runs' own
     ``seconds``."""
-    readme = (RESULTS.parent / "README.md").read_text()
+    readme = readme_text()
     stated = int(re.search(r"The runs took (\d+) minutes of one core", readme).group(1))
     runs = load_results(RESULTS / "synthetic")
     assert stated == round(sum(m["seconds"] for m in runs.values()) / 60)
@@ -228,7 +234,7 @@ def test_readme_states_the_synthetic_runs_core_minutes():
 
 def test_the_bench_train_tables_in_readme_are_what_the_json_files_hold():
     """README's `bench train` rows are the committed figures, rounded as printed there."""
-    readme = (RESULTS.parent / "README.md").read_text()
+    readme = readme_text()
 
     def cells(path: Path) -> str:
         train = json.loads((RESULTS / "bench-train" / path).read_text())["train"]
@@ -246,7 +252,7 @@ def test_the_bench_train_tables_in_readme_are_what_the_json_files_hold():
 
 
 def test_readme_lists_the_second_atari_series_runs_committed_so_far():
-    readme = (RESULTS.parent / "README.md").read_text()
+    readme = readme_text()
     listed = re.search(r"In so\s+far: ([a-z0-9, -]+)\.", readme).group(1)
     assert listed.split(", ") == sorted(load_results(RESULTS / "atari2"))
 
@@ -254,7 +260,7 @@ def test_readme_lists_the_second_atari_series_runs_committed_so_far():
 def test_each_learning_table_in_readme_is_what_its_command_prints():
     """Every ``python -m ooc_moe learning DIR... --at STEP`` in README's code blocks is followed
     by the table that command prints over the committed runs (globs expanded as a shell does)."""
-    readme = (RESULTS.parent / "README.md").read_text()
+    readme = readme_text()
     commands = re.findall(r"^python -m ooc_moe learning ((?:[^\n]|\\\n)+?) --at (\d+)$",
                           readme, flags=re.M)
     assert len(commands) >= 4
@@ -269,7 +275,7 @@ def test_each_learning_table_in_readme_is_what_its_command_prints():
 
 def test_readme_distributed_figures_are_the_committed_ones():
     """README's paragraph on what scales: the layer bench and the whole-agent runs."""
-    text = " ".join((RESULTS.parent / "README.md").read_text().split())
+    text = readme_text(flat=True)
     two = json.loads((RESULTS / "bench-dist" / "bench-dist.json").read_text())["dist"]["runs"]["2"]
     assert (f"2 gloo ranks train it {two['speedup']:.2f} times as fast as one, the exchanges "
             f"take {two['exchange_share']:.0%} of a 2-rank step and send "
@@ -285,7 +291,7 @@ def test_readme_distributed_figures_are_the_committed_ones():
 def test_the_learning_check_table_in_readme_is_what_its_runs_give():
     """README's first learning-check table: training returns over the first and last 100
     episodes, the evaluation before and after, and the minutes of each seed-1 run."""
-    readme = (RESULTS.parent / "README.md").read_text()
+    readme = readme_text()
     for run, label in (("moe-seed1", "MoE (`token`)"), ("dense-seed1", "dense")):
         m = json.loads((RESULTS / "breakout-learning" / run / "metrics.json").read_text())
         returns = [r for h in m["history"] for r in h["charts/episodic_returns"]]
@@ -299,7 +305,7 @@ def test_readme_states_what_the_cap_is_worth_on_pong():
     evaluation) against the table's whole-game random score, in normalised points."""
     from ooc_moe.scores import HUMAN_SCORES
 
-    text = " ".join((RESULTS.parent / "README.md").read_text().split())
+    text = readme_text(flat=True)
     run = load_results(RESULTS / "routing")["token-seed1"]
     demo = next(iter(load_results(RESULTS / "cpu-demo").values()))
     assert run["args"]["eval"] == demo["args"]["eval"] and run["games"][0] == "pong"
@@ -312,7 +318,7 @@ def test_readme_states_what_the_cap_is_worth_on_pong():
 def test_readme_learning_check_prose_is_what_its_runs_give():
     """The MoE learning-check run's hit rate (mean over updates, and after 100,000 steps), and
     the three-seed runs meeting issue 11's bar of 0.8x the cnn on the last 100 episodes."""
-    text = " ".join((RESULTS.parent / "README.md").read_text().split())
+    text = readme_text(flat=True)
     moe = load_results(RESULTS / "breakout-learning")["moe-seed1"]
     later = [h["store/hit_rate"] for h in moe["history"] if h["global_step"] > 100_000]
     assert (f"HBM served {np.mean(moe['hit_rate']):.0%} of the MoE run's expert accesses "
@@ -329,7 +335,7 @@ def test_readme_learning_check_prose_is_what_its_runs_give():
 def test_readme_compares_the_cleanrl_environment_runs_with_the_vector_env_ones():
     """The runs through CleanRL's wrappers against the cnn's on ``AtariVectorEnv``, same seed:
     the measure of the learning tables (the mean of the last 100 training episodes)."""
-    text = " ".join((RESULTS.parent / "README.md").read_text().split())
+    text = readme_text(flat=True)
     cleanrl = load_results(RESULTS / "breakout-cleanrlenv")
     vector = load_results(RESULTS / "breakout-cnn")
     for name, run in cleanrl.items():
