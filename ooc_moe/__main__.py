@@ -29,7 +29,7 @@ from .workloads import access_pattern, game_blocks, replay
 
 
 def _bench(args: argparse.Namespace) -> None:
-    results = {}
+    results, machine = {}, bench.machine()
     for name, config, run in (("store", bench.StoreBenchConfig, bench.bench_store),
                               ("layer", bench.LayerBenchConfig, bench.bench_layer),
                               ("sim", bench.SimBenchConfig, bench.bench_sim),
@@ -40,7 +40,7 @@ def _bench(args: argparse.Namespace) -> None:
             extra = {"older_tokens": args.older_tokens} if name == "train" else {}
             results[name] = run(make(device=args.device, directory=args.dir, **extra))
     if args.json:
-        bench.write_json({**results, "command": _command(),
+        bench.write_json({**results, "machine": machine, "command": _command(),
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, args.json)
         print(f"figures written to {args.json}")
 

@@ -316,6 +316,13 @@ def bench_store(cfg: StoreBenchConfig) -> dict:
             "fio": fio, "overlap": overlap}
 
 
+def machine() -> dict:
+    """What shapes a run's figures besides the code: CPUs, torch threads, and the load average as
+    it starts (0 on an idle machine, 2 with two cores busy)."""
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_before": os.getloadavg()[0]}
+
+
 def write_json(results: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
@@ -643,11 +650,11 @@ def bench_train(cfg: TrainBenchConfig) -> dict:
     steps = ppo.batch_size * (cfg.iterations + cfg.warmup)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    load_before = os.getloadavg()[0]   # other work on the machine: 0 is idle, 2 two busy cores
+    state = machine()
     print(f"bench train: {cfg.game}, {cfg.num_envs} envs x {cfg.num_steps} steps, "
           f"{cfg.iterations} timed iterations per agent after {cfg.warmup} warm-up, "
           f"interleaved, {cfg.threads} torch thread(s), older tokens {cfg.older_tokens}; load "
-          f"average before {load_before:.2f} on {os.cpu_count()} CPUs")
+          f"average before {state['load_before']:.2f} on {state['cpus']} CPUs")
     runs, results, env_alone = {}, {}, _env_sps(cfg, steps)
     print(f"  env    SPS {env_alone['sps']:7.1f}  (the environment alone, random actions)")
     try:
@@ -695,4 +702,4 @@ def bench_train(cfg: TrainBenchConfig) -> dict:
         print("  ratios: " + "  ".join(f"{name} {r:.3g}{goals[name]}"
                                        for name, r in ratios.items()))
     return {"config": asdict(cfg), "env": env_alone, "agents": results, "ratios": ratios,
-            "cpus": os.cpu_count(), "load_before": load_before}
+            **state}

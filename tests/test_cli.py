@@ -76,7 +76,10 @@ def test_bench_sim_quick_reports_each_policy(tmp_path):
     out = tmp_path / "bench.json"
     result = run("bench", "sim", "--quick", "--json", str(out))
     assert result.returncode == 0, result.stderr
-    policies = json.loads(out.read_text())["sim"]["policies"]
+    written = json.loads(out.read_text())
+    assert written["machine"]["cpus"] == os.cpu_count()      # what shaped the figures
+    assert written["machine"]["torch_threads"] >= 1 and written["machine"]["load_before"] >= 0
+    policies = written["sim"]["policies"]
     assert set(policies) == {"lru", "lfu", "belady"}
     assert policies["belady"]["hit_rate"] >= policies["lru"]["hit_rate"]
     assert all(p["accesses_per_s"] > 0 for p in policies.values())
