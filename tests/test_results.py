@@ -257,6 +257,20 @@ def test_readme_lists_the_second_atari_series_runs_committed_so_far():
     assert listed.split(", ") == sorted(load_results(RESULTS / "atari2"))
 
 
+def test_the_second_series_prose_in_readme_is_what_its_verdict_says():
+    """README: both anchors learn every game in its own stage; the cnn forgets Kung-Fu Master
+    beyond the noise, dense both earlier games; paired by seed they do not differ."""
+    verdict = format_verdict(json.loads((RESULTS / "atari2" / "summary.json").read_text()))
+    text = readme_text(flat=True)
+    assert "both anchors learn every game beyond the noise in its own stage" in text
+    for kind, forgotten in (("cnn", "kung_fu_master"), ("dense", "road_runner, kung_fu_master")):
+        assert (f"{kind}: learned beyond noise during its own stage: road_runner, "
+                f"kung_fu_master, seaquest; of those, forgotten beyond noise by the end: "
+                f"{forgotten}") in verdict
+    assert "road_runner no different" in verdict and "kung_fu_master no different" in verdict
+    assert "the cnn's forgetting does not differ from the dense agent's beyond the noise" in text
+
+
 def test_each_learning_table_in_readme_is_what_its_command_prints():
     """Every ``python -m ooc_moe learning DIR... --at STEP`` in README's code blocks is followed
     by the table that command prints over the committed runs (globs expanded as a shell does)."""
