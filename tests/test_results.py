@@ -361,6 +361,25 @@ def test_readme_compares_the_cleanrl_environment_runs_with_the_vector_env_ones()
                 f"{last[f'cnn-seed{seed}']:.2f} for the same seed on `AtariVectorEnv`") in text
 
 
+def test_a_constant_learning_rate_lifts_every_cnn_seed_as_readme_says():
+    """README: with ``--no-anneal_lr`` every seed ends higher than the same seed annealed, and
+    the mean over seeds of the last 100 training episodes passes issue 11's 10."""
+    constant = load_results(RESULTS / "breakout-lr")
+    annealed = load_results(RESULTS / "breakout-cnn")
+    assert sorted(constant) == [f"cnn-constlr-seed{s}" for s in (1, 2, 3)]
+    last = []
+    for name, run in constant.items():
+        assert run["args"]["ppo"]["anneal_lr"] is False and run["args"]["baseline"] == "cnn"
+        seed = run["args"]["seed"]
+        pair = {k: learning_table({k: m}, 409_600)[run_kind(k)]["return_last"]
+                for k, m in ((name, run), (f"cnn-seed{seed}", annealed[f"cnn-seed{seed}"]))}
+        assert pair[name] > pair[f"cnn-seed{seed}"], seed
+        last.append(pair[name])
+    assert np.mean(last) >= 10
+    assert "every seed ends higher than the same seed annealed, and the mean over seeds " \
+           "passes issue 11's 10" in readme_text(flat=True)
+
+
 def test_road_runner_in_the_second_series_is_what_readme_says():
     """The cnn's seeds kept very different shares of their Road Runner score by the end (one
     nothing, one most of it)."""
@@ -368,3 +387,62 @@ def test_road_runner_in_the_second_series_is_what_readme_says():
     kept = [m["retention"][-1][0] / m["retention"][1][0] for name, m in runs.items()
             if run_kind(name) == "cnn"]
     assert len(kept) == 3 and min(kept) < 0.1 and max(kept) > 0.5, kept
+
+
+# README's tables of `bench store`, `bench layer` and `bench sim`, rebuilt from their JSON.
+STORE_LINKS = {"file -> DRAM (page cache)": "file -> DRAM, page cache",
+               "file -> DRAM (cold)": "file -> DRAM, cold (page cache dropped with "
+                                      "`posix_fadvise`)",
+               "DRAM -> HBM": "DRAM -> HBM (on the CPU: a memcpy)"}
+LAYER_RUNS = {"all resident": "tiered, all {hbm} experts in HBM",
+              "working set fits": "tiered, working set fits (HBM {hbm})",
+              "2x, prefetch": "working set 2x HBM ({hbm}), prefetch",
+              "2x, demand": "working set 2x HBM ({hbm}), demand",
+              "8x, prefetch": "working set 8x HBM ({hbm}), prefetch",
+              "8x, demand": "working set 8x HBM ({hbm}), demand"}
+
+
+def bench_rows(bench: str, figures: dict) -> list[str]:
+    """The README rows (for ``sim`` a sentence) that ``figures``, one bench's JSON, gives."""
+    if bench == "store":
+        s = figures["store"]
+        links = {link["link"]: link for link in s["links"]}
+        rows = [f"| {label} | {links[key]['bytes'] / links[key]['store_s'] / 1e9:.2f} GB/s | "
+                f"{links[key]['bytes'] / links[key]['raw_s'] / 1e9:.2f} GB/s | "
+                f"{links[key]['ratio']:.2f} |" for key, label in STORE_LINKS.items()]
+        o, steps = s["overlap"], s["config"]["steps"]
+        return rows + [f"| {label} | {o[key] * 1e3 / steps:.0f} | {o[key] / o['resident_s']:.2f} |"
+                       for key, label in (("resident_s", "all resident"),
+                                          ("prefetch_s", "prefetched one step ahead"),
+                                          ("demand_s", "demand fetches only"))]
+    if bench == "layer":
+        s = figures["layer"]
+        rows = [f"| plain PyTorch MoE, `torch.optim.Adam` | {s['plain_step_s'] * 1e3:.0f} | | "
+                "1.00 | |"]
+        for key, label in LAYER_RUNS.items():
+            run = s["runs"][key]
+            moved = sum(run["bytes_per_step"].values())
+            rows.append(f"| {label.format(hbm=run['hbm'])} | {run['step_s'] * 1e3:.0f} | "
+                        f"{run['ratio_to_resident']:.2f} | {run['ratio_to_plain']:.2f} | "
+                        f"{f'{moved / 1e9:.1f} GB' if moved else '0'} |")
+        return rows
+    rate = {p: r["accesses_per_s"] / 1e6 for p, r in figures["sim"]["policies"].items()}
+    return [f"LRU {rate['lru']:.2f} M accesses/s (goal 1 M/s), Belady {rate['belady']:.2f} M/s, "
+            f"LFU {rate['lfu']:.2f} M/s"]
+
+
+@pytest.mark.parametrize("bench", ["store", "layer", "sim"])
+def test_readme_bench_tables_are_what_the_committed_json_gives(bench):
+    text = readme_text(flat=True)
+    figures = json.loads((RESULTS / f"bench-{bench}" / f"bench-{bench}.json").read_text())
+    assert figures["command"] == f"python -m ooc_moe bench {bench} --json results/bench-{bench}/" \
+                                 f"bench-{bench}.json"
+    assert f"`{figures['command']}` ({figures['date'][:10]}, " \
+           f"{figures['machine']['torch_threads']} torch thread" in text
+    for row in bench_rows(bench, figures):
+        assert " ".join(row.split()) in text, row
+    if bench == "layer":      # README: on the CPU the prefetching layer takes as long as demand
+        runs = figures["layer"]["runs"]
+        for size in ("2x", "8x"):
+            ratio = runs[f"{size}, prefetch"]["step_s"] / runs[f"{size}, demand"]["step_s"]
+            assert abs(ratio - 1) < 0.05, (size, ratio)
