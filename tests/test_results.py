@@ -346,6 +346,12 @@ def test_readme_learning_check_prose_is_what_its_runs_give():
         measure["cnn"], measure
 
 
+def last_100(name: str, run: dict) -> float:
+    """A Breakout run's mean return over its last 100 training episodes at 409,600 steps (the
+    learning tables' measure)."""
+    return learning_table({name: run}, 409_600)[run_kind(name)]["return_last"]
+
+
 def test_readme_compares_the_cleanrl_environment_runs_with_the_vector_env_ones():
     """The runs through CleanRL's wrappers against the cnn's on ``AtariVectorEnv``, same seed:
     the measure of the learning tables (the mean of the last 100 training episodes)."""
@@ -355,7 +361,7 @@ def test_readme_compares_the_cleanrl_environment_runs_with_the_vector_env_ones()
     for name, run in cleanrl.items():
         assert run["args"]["atari_env"] == "cleanrl" and run_kind(name) == "cnn-cleanrlenv"
         seed = run["args"]["seed"]
-        last = {k: learning_table({k: m}, 409_600)[run_kind(k)]["return_last"]
+        last = {k: last_100(k, m)
                 for k, m in ((name, run), (f"cnn-seed{seed}", vector[f"cnn-seed{seed}"]))}
         assert (f"seed {seed}'s last 100 training episodes average {last[name]:.2f}, against "
                 f"{last[f'cnn-seed{seed}']:.2f} for the same seed on `AtariVectorEnv`") in text
@@ -371,7 +377,7 @@ def test_a_constant_learning_rate_lifts_every_cnn_seed_as_readme_says():
     for name, run in constant.items():
         assert run["args"]["ppo"]["anneal_lr"] is False and run["args"]["baseline"] == "cnn"
         seed = run["args"]["seed"]
-        pair = {k: learning_table({k: m}, 409_600)[run_kind(k)]["return_last"]
+        pair = {k: last_100(k, m)
                 for k, m in ((name, run), (f"cnn-seed{seed}", annealed[f"cnn-seed{seed}"]))}
         assert pair[name] > pair[f"cnn-seed{seed}"], seed
         last.append(pair[name])
