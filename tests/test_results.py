@@ -514,3 +514,14 @@ def test_readme_bench_tables_are_what_the_committed_json_gives(bench):
         for size in ("2x", "8x"):
             ratio = runs[f"{size}, prefetch"]["step_s"] / runs[f"{size}, demand"]["step_s"]
             assert abs(ratio - 1) < 0.05, (size, ratio)
+
+
+def test_the_context_length_ranges_overlap_in_every_column_as_readme_says():
+    """README: windows of 1 and 4 frames, three seeds each at 20,480 steps, overlap in every
+    column of the learning table."""
+    kinds = json.loads((RESULTS / "breakout-context" / "learning.json").read_text())["kinds"]
+    one, four = kinds["dense-ctx1"], kinds["dense-ctx4"]
+    assert one["seeds"] == four["seeds"] == [1, 2, 3]
+    for key in ("explained_variance", "entropy", "return", "return_last"):
+        assert one[f"{key}_min"] <= four[f"{key}_max"] and four[f"{key}_min"] <= one[f"{key}_max"]
+    assert "The ranges of the two overlap in every column" in readme_text(flat=True)
