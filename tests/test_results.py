@@ -252,12 +252,15 @@ def test_the_bench_train_tables_in_readme_are_what_the_json_files_hold():
 
 
 def test_readme_lists_the_second_atari_series_runs_and_they_are_all_of_its_preset():
+    from ooc_moe.__main__ import PRESETS
+
+    preset = PRESETS["atari2"]
     readme = readme_text(flat=True)
     listed = re.search(r"All twelve are in: ([a-z0-9, -]+)\.", readme).group(1)
     runs = sorted(load_results(RESULTS / "atari2"))
     assert listed.split(", ") == runs
-    assert runs == sorted(f"{kind}-seed{seed}" for kind in ("cnn", "dense", "token", "cohort")
-                          for seed in (1, 2, 3))
+    assert runs == sorted(f"{kind}-seed{seed}" for kind in preset["runs"].split(",")
+                          for seed in preset["seeds"].split(","))
 
 
 def test_the_second_series_prose_in_readme_is_what_its_verdict_says():
@@ -307,8 +310,7 @@ def test_the_token_prose_of_the_second_series_is_what_its_runs_give():
     assert ("token: learned beyond noise during its own stage: seaquest; of those, forgotten "
             "beyond noise by the end: none") in format_verdict(summary)
     token, dense, cohort = summary["token"], summary["dense"], summary["cohort"]
-    runs = {name: m for name, m in load_results(RESULTS / "atari2").items()
-            if run_kind(name) in ("token", "cohort")}
+    runs = load_results(RESULTS / "atari2")
     assert runs["token-seed2"]["retention"][0][0] == runs["cohort-seed2"]["retention"][0][0] == 0
     for name in ("token-seed1", "token-seed2", "token-seed3"):
         m = runs[name]
