@@ -144,7 +144,8 @@ def _train_args(args: argparse.Namespace, atari: bool) -> "TrainArgs":
         hbm_capacity=args.hbm_capacity, dram_capacity=args.dram_capacity,
         load_balance_coef=args.load_balance_coef, balance=args.balance,
         balance_horizon=args.balance_horizon, cohort_size=args.cohort_size,
-        encoder_init=args.encoder_init, action_mask=args.action_mask, atari_env=args.atari_env,
+        encoder_init=args.encoder_init, token_norm=args.token_norm,
+        final_norm=args.final_norm, action_mask=args.action_mask, atari_env=args.atari_env,
         detector=args.detector, trace=args.trace,
         checkpoint_every=args.checkpoint_every, ppo=PPOArgs(**ppo),
         eval=EvalArgs(episodes=args.eval_episodes, max_steps=args.eval_max_steps,
@@ -369,6 +370,12 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
     agent.add_argument("--encoder_init", choices=["cleanrl", "torch"], default="cleanrl",
                        help="the window agents' Nature-CNN init: cleanrl (orthogonal, gain "
                             "sqrt 2, as the cnn baseline) or torch's default (an ablation)")
+    agent.add_argument("--token_norm", action=argparse.BooleanOptionalAction, default=True,
+                       help="LayerNorm on each frame's token before the transformer "
+                            "(--no-token_norm: an ablation)")
+    agent.add_argument("--final_norm", action=argparse.BooleanOptionalAction, default=True,
+                       help="LayerNorm on the newest position before the actor and critic "
+                            "(--no-final_norm: an ablation)")
     agent.add_argument("--hbm_capacity", type=int, default=16, help="expert slots in HBM")
     agent.add_argument("--dram_capacity", type=int, default=64,
                        help="expert slots in DRAM (>= hbm_capacity)")

@@ -72,6 +72,8 @@ class MoERLAgentConfig:
                                      # hbm_cap // num_layers, the HBM slots of a layer
     encoder_init: str = "cleanrl"    # the Nature-CNN's init: "cleanrl" (orthogonal, gain
                                      # sqrt 2) or "torch" (its default; an ablation)
+    token_norm: bool = True          # LayerNorm on each frame's token (False: an ablation)
+    final_norm: bool = True          # LayerNorm before the heads (False: an ablation)
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTING_MODES:
@@ -124,8 +126,9 @@ class MoERLAgentConfig:
         encoder = (c * 32 * 64 + 32) + (32 * 64 * 16 + 64) + (64 * 64 * 9 + 64) + (3136 * d + d)
         attention = 4 * d * d + 4 * d + 2 * d               # q, k, v, out projections + norm
         router = d * e + 2 * d                              # router + the MoE LayerNorm
-        tokens = 2 * d + self.context_len * d               # token norm + learned positions
-        dense = encoder + tokens + self.num_layers * (attention + router) + 2 * d \
+        tokens = 2 * d * self.token_norm + self.context_len * d  # token norm + positions
+        dense = encoder + tokens + self.num_layers * (attention + router) \
+            + 2 * d * self.final_norm \
             + (d + 1) * (self.num_actions + 1) + (self.num_envs * d if self.routing == "env"
                                                    else 0)
         return {"dense": dense, "experts": e * expert, "total": dense + e * expert,
@@ -234,7 +237,7 @@ class _SequenceAgent(nn.Module):
         # what a frame shows, not where it sits in the window, drives routing: fixed
         # sinusoids of norm ~sqrt(dim/2) swamped the CNN's small outputs and routed every
         # token by its position alone.
-        self.token_norm = nn.LayerNorm(d)
+        self.token_norm = nn.LayerNorm(d) if config.token_norm else nn.Identity()
         self.positions = nn.Parameter(torch.randn(config.context_len, d) * 0.02)
         self.register_buffer("causal", torch.triu(torch.ones(config.context_len,
                                                              config.context_len,
@@ -246,7 +249,7 @@ class _SequenceAgent(nn.Module):
         self.cohorts = cohorts
         self.context_len, self.token_dim = config.context_len, d
         self.routes_by_game = config.routing == "env" or cohorts is not None
-        self.norm = nn.LayerNorm(d)
+        self.norm = nn.LayerNorm(d) if config.final_norm else nn.Identity()
         self.actor = nn.Linear(d, config.num_actions)
         self.critic = nn.Linear(d, 1)
         nn.init.orthogonal_(self.actor.weight, 0.01)   # CleanRL's head initialisation

@@ -37,6 +37,34 @@ def test_user_defaults_and_estimate_matches_the_module():
         agent.store.shutdown()
 
 
+def test_the_layer_norms_can_be_switched_off_for_the_ablation():
+    """``token_norm=False`` hands the encoder's output through unchanged and
+    ``final_norm=False`` feeds the heads the last block's output; the parameter estimate
+    follows both (each LayerNorm holds 2 x dim)."""
+    torch.manual_seed(0)
+    obs = torch.randint(0, 255, (3, 4, 84, 84), dtype=torch.uint8)
+    both = MoERLAgentConfig(**SMALL)
+    neither = MoERLAgentConfig(**SMALL, token_norm=False, final_norm=False)
+    normed, plain = DenseRLAgent(both, "cpu"), DenseRLAgent(neither, "cpu")
+    plain.load_state_dict(normed.state_dict(), strict=False)     # same weights otherwise
+    raw = plain.encoder(obs)
+    torch.testing.assert_close(plain.encode(obs), raw)
+    tokens = normed.encode(obs)
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(3), atol=1e-5, rtol=0)
+    windows = tokens[:, None].expand(-1, 2, -1)
+    x = windows + plain.positions[:2]
+    for block in plain.blocks:
+        x, _ = block(x, plain.causal[:2, :2], None, None)
+    logits, value, _ = plain(windows)
+    torch.testing.assert_close(logits, plain.actor(x[:, -1]))
+    torch.testing.assert_close(value, plain.critic(x[:, -1]).squeeze(-1))
+    assert sum(p.numel() for p in normed.parameters()) - \
+        sum(p.numel() for p in plain.parameters()) == 2 * 2 * SMALL["expert_dim"]
+    agent = neither.create_agent("cpu")
+    assert neither.estimate_params()["dense"] == sum(p.numel() for p in agent.parameters())
+    agent.store.shutdown()
+
+
 def test_forward_shapes_and_env_routing_changes_the_routing():
     torch.manual_seed(0)
     agent = MoERLAgentConfig(**SMALL, routing="env").create_agent("cpu")

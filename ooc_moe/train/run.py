@@ -112,6 +112,8 @@ class TrainArgs:
     balance_horizon: int = 1_000_000  # tokens the horizon balance averages the load over
     cohort_size: int | None = None  # experts per game and layer; None: HBM slots per layer
     encoder_init: str = "cleanrl"   # "cleanrl" or "torch" (MoERLAgentConfig.encoder_init)
+    token_norm: bool = True         # LayerNorm on each token (MoERLAgentConfig.token_norm)
+    final_norm: bool = True         # LayerNorm before the heads (MoERLAgentConfig.final_norm)
     action_mask: str = "none"       # "none": all 18 actions; "legal": each game's minimal set
     atari_env: str = "vector"       # "vector": ale-py's AtariVectorEnv; "cleanrl": CleanRL's
                                     # wrappers (FIRE and a fresh frame stack at a lost life)
@@ -152,7 +154,8 @@ class TrainArgs:
             hbm_cap=self.hbm_capacity, dram_cap=self.dram_capacity, routing=self.routing,
             load_balance_coef=self.load_balance_coef, balance=self.balance,
             balance_horizon=self.balance_horizon, cohort_size=self.cohort_size,
-            encoder_init=self.encoder_init)
+            encoder_init=self.encoder_init, token_norm=self.token_norm,
+            final_norm=self.final_norm)
 
 
 def make_env(game: str, num_envs: int, seed: int, atari_env: str = "vector"):
