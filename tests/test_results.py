@@ -487,6 +487,35 @@ def test_the_window_agents_at_a_constant_rate_are_what_readme_says():
         assert claim in text, claim
 
 
+def test_the_layer_norm_ablation_is_what_readme_says():
+    """README: without the token LayerNorm every column's range overlaps the default's; without
+    the final one the explained variance and both returns lie above the default's range, while
+    every kind still scores about random play (under 1.7 over its last 100 episodes)."""
+    from ooc_moe.scores import HUMAN_SCORES
+
+    kinds = json.loads((RESULTS / "breakout-norms" / "learning.json").read_text())["kinds"]
+    default = json.loads((RESULTS / "breakout-context" / "learning.json").read_text()
+                         )["kinds"]["dense-ctx4"]
+    token, final = kinds["dense-no-token-norm"], kinds["dense-no-final-norm"]
+    assert default["seeds"] == token["seeds"] == final["seeds"] == [1, 2, 3]
+    columns = ("explained_variance", "entropy", "return", "return_last")
+    for key in columns:
+        assert token[f"{key}_min"] <= default[f"{key}_max"] and \
+            default[f"{key}_min"] <= token[f"{key}_max"], key
+    for key in ("explained_variance", "return", "return_last"):
+        assert final[f"{key}_min"] > default[f"{key}_max"], key
+    random = HUMAN_SCORES["breakout"][0]
+    assert all(kind["return_last"] < random for kind in (default, token, final))
+    for run in load_results(RESULTS / "breakout-norms").values():
+        assert run["args"]["token_norm"] != run["args"]["final_norm"]
+    text = readme_text(flat=True)
+    for claim in ("Without the token LayerNorm every column's range overlaps the default's",
+                  "Without the final LayerNorm the critic explains more of the returns' "
+                  "variance and the returns are higher, each outside the default's range",
+                  f"about random play's score on Breakout ({random} in the table"):
+        assert claim in text, claim
+
+
 def test_road_runner_in_the_second_series_is_what_readme_says():
     """The cnn's seeds kept very different shares of their Road Runner score by the end (one
     nothing, one most of it)."""
