@@ -506,7 +506,9 @@ def test_the_layer_norm_ablation_is_what_readme_says():
         assert final[f"{key}_min"] > default[f"{key}_max"], key
     random = HUMAN_SCORES["breakout"][0]
     assert all(kind["return_last"] < random for kind in (default, token, final))
-    for run in load_results(RESULTS / "breakout-norms").values():
+    runs = [json.loads(p.read_text()) for p in (RESULTS / "breakout-norms").glob("*/metrics.json")]
+    assert len(runs) == 6
+    for run in runs:
         assert run["args"]["token_norm"] != run["args"]["final_norm"]
     text = readme_text(flat=True)
     for claim in ("Without the token LayerNorm every column's range overlaps the default's",
@@ -514,6 +516,22 @@ def test_the_layer_norm_ablation_is_what_readme_says():
                   "variance and the returns are higher, each outside the default's range",
                   f"about random play's score on Breakout ({random} in the table"):
         assert claim in text, claim
+
+
+def test_the_auxiliary_loss_ablation_overlaps_in_every_column_as_readme_says():
+    """README: the MoE agent with and without its load-balancing loss, three seeds each at
+    20,480 steps, overlaps in every column of the learning table."""
+    kinds = json.loads((RESULTS / "breakout-aux" / "learning.json").read_text())["kinds"]
+    with_loss, without = kinds["moe-aux0.01"], kinds["moe-aux0"]
+    assert with_loss["seeds"] == without["seeds"] == [1, 2, 3]
+    for key in ("explained_variance", "entropy", "return", "return_last"):
+        assert with_loss[f"{key}_min"] <= without[f"{key}_max"] and \
+            without[f"{key}_min"] <= with_loss[f"{key}_max"], key
+    coefs = {json.loads(p.read_text())["args"]["load_balance_coef"]
+             for p in (RESULTS / "breakout-aux").glob("*/metrics.json")}
+    assert coefs == {0.0, 0.01}
+    assert "Every column's ranges overlap: at this budget the balancing loss neither helps " \
+           "nor holds back" in readme_text(flat=True)
 
 
 def test_road_runner_in_the_second_series_is_what_readme_says():
