@@ -416,6 +416,14 @@ def last_100(name: str, run: dict) -> float:
     return learning_table({name: run}, 409_600)[run_kind(name)]["return_last"]
 
 
+LEARNING_COLUMNS = ("explained_variance", "entropy", "return", "return_last")
+
+
+def ranges_overlap(a: dict, b: dict, key: str) -> bool:
+    """Whether two kinds' seed ranges of one learning-table column overlap."""
+    return a[f"{key}_min"] <= b[f"{key}_max"] and b[f"{key}_min"] <= a[f"{key}_max"]
+
+
 def test_readme_compares_the_cleanrl_environment_runs_with_the_vector_env_ones():
     """The runs through CleanRL's wrappers against the cnn's on ``AtariVectorEnv``, same seed:
     the measure of the learning tables (the mean of the last 100 training episodes)."""
@@ -498,10 +506,8 @@ def test_the_layer_norm_ablation_is_what_readme_says():
                          )["kinds"]["dense-ctx4"]
     token, final = kinds["dense-no-token-norm"], kinds["dense-no-final-norm"]
     assert default["seeds"] == token["seeds"] == final["seeds"] == [1, 2, 3]
-    columns = ("explained_variance", "entropy", "return", "return_last")
-    for key in columns:
-        assert token[f"{key}_min"] <= default[f"{key}_max"] and \
-            default[f"{key}_min"] <= token[f"{key}_max"], key
+    for key in LEARNING_COLUMNS:
+        assert ranges_overlap(token, default, key), key
     for key in ("explained_variance", "return", "return_last"):
         assert final[f"{key}_min"] > default[f"{key}_max"], key
     random = HUMAN_SCORES["breakout"][0]
@@ -524,9 +530,8 @@ def test_the_auxiliary_loss_ablation_overlaps_in_every_column_as_readme_says():
     kinds = json.loads((RESULTS / "breakout-aux" / "learning.json").read_text())["kinds"]
     with_loss, without = kinds["moe-aux0.01"], kinds["moe-aux0"]
     assert with_loss["seeds"] == without["seeds"] == [1, 2, 3]
-    for key in ("explained_variance", "entropy", "return", "return_last"):
-        assert with_loss[f"{key}_min"] <= without[f"{key}_max"] and \
-            without[f"{key}_min"] <= with_loss[f"{key}_max"], key
+    for key in LEARNING_COLUMNS:
+        assert ranges_overlap(with_loss, without, key), key
     coefs = {json.loads(p.read_text())["args"]["load_balance_coef"]
              for p in (RESULTS / "breakout-aux").glob("*/metrics.json")}
     assert coefs == {0.0, 0.01}
@@ -608,6 +613,6 @@ def test_the_context_length_ranges_overlap_in_every_column_as_readme_says():
     kinds = json.loads((RESULTS / "breakout-context" / "learning.json").read_text())["kinds"]
     one, four = kinds["dense-ctx1"], kinds["dense-ctx4"]
     assert one["seeds"] == four["seeds"] == [1, 2, 3]
-    for key in ("explained_variance", "entropy", "return", "return_last"):
-        assert one[f"{key}_min"] <= four[f"{key}_max"] and four[f"{key}_min"] <= one[f"{key}_max"]
+    for key in LEARNING_COLUMNS:
+        assert ranges_overlap(one, four, key), key
     assert "The ranges of the two overlap in every column" in readme_text(flat=True)
