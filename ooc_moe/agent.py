@@ -221,6 +221,8 @@ class ContextWindows:
 class _SequenceAgent(nn.Module):
     """Encoder, positions, blocks, heads: what the MoE agent and its dense baseline share."""
 
+    last_block_newest_only = False    # the last block's ``newest`` instead of every position
+
     def __init__(self, config: MoERLAgentConfig, blocks: nn.ModuleList,
                  cohorts: CohortTable | None = None) -> None:
         super().__init__()
@@ -280,8 +282,12 @@ class _SequenceAgent(nn.Module):
                    else self.cohorts.lookup(games))                 # [layers, B, C]
         x = windows + self.positions[:T]
         aux = x.new_zeros(())
-        for block, cohort in zip(self.blocks, cohorts):
-            x, block_aux = block(x, self.causal[:T, :T], context, cohort)
+        last = len(self.blocks) - 1
+        for i, (block, cohort) in enumerate(zip(self.blocks, cohorts)):
+            if i == last and self.last_block_newest_only:
+                x, block_aux = block.newest(x)
+            else:
+                x, block_aux = block(x, self.causal[:T, :T], context, cohort)
             aux = aux + block_aux
         h = self.norm(x[:, -1])
         return self.actor(h), self.critic(h).squeeze(-1), aux
@@ -321,7 +327,12 @@ class MoERLAgent(_SequenceAgent):
 
 
 class DenseRLAgent(_SequenceAgent):
-    """The baseline: ``DenseFFN`` blocks with the MoE agent's active parameters per token."""
+    """The baseline: ``DenseFFN`` blocks with the MoE agent's active parameters per token.
+    Its last block computes the newest position alone, the one the heads read (the same
+    outputs, less work); the MoE agent's computes every position, whose routing feeds its
+    balancing loss and routing figures."""
+
+    last_block_newest_only = True
 
     def __init__(self, config: MoERLAgentConfig, device: str | torch.device | None = None
                  ) -> None:

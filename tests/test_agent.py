@@ -107,6 +107,31 @@ def test_the_last_output_depends_only_on_earlier_tokens():
             agent.store.shutdown()
 
 
+@pytest.mark.parametrize("T", [1, 3, 4])
+def test_the_dense_agents_last_block_on_the_newest_position_is_the_causal_forward(T):
+    """The dense agent's last block computes only the newest position: its outputs and every
+    gradient are those of all blocks run causally on every position, heads on the last."""
+    torch.manual_seed(0)
+    agent = DenseRLAgent(MoERLAgentConfig(**SMALL), "cpu")
+    windows = torch.randn(5, T, 32, requires_grad=True)
+    logits, values, _ = agent(windows)
+    weights = torch.randn_like(logits)          # (a plain sum of the logits has no gradient)
+    fast = torch.autograd.grad((logits * weights).sum() + values.sum(),
+                               [windows, *agent.parameters()], allow_unused=True)
+    x = windows + agent.positions[:T]
+    for block in agent.blocks:                  # the reference: every position, causal mask
+        x, _ = block(x, agent.causal[:T, :T])
+    h = agent.norm(x[:, -1])
+    torch.testing.assert_close(logits, agent.actor(h))
+    torch.testing.assert_close(values, agent.critic(h).squeeze(-1))
+    full = torch.autograd.grad((agent.actor(h) * weights).sum() + agent.critic(h).sum(),
+                               [windows, *agent.parameters()], allow_unused=True)
+    for a, b in zip(fast, full, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
 def test_dense_baseline_has_the_same_interface_and_similar_active_parameters():
     cfg = MoERLAgentConfig(**SMALL)
     dense = DenseRLAgent(cfg, "cpu")

@@ -41,9 +41,15 @@ class _Block(nn.Module):
         self.attn_norm = nn.LayerNorm(dim)
         self.attn_drop = nn.Dropout(dropout)
 
-    def attend(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    def attend(self, x: Tensor, attn_mask: Tensor | None, newest_only: bool = False) -> Tensor:
+        """``x + attention(LN(x))``; ``newest_only``: only the last position's row
+        (``[batch, 1, dim]``, which a causal mask lets see every position)."""
         h = self.attn_norm(x)
-        a, _ = self.attn(h, h, h, attn_mask=attn_mask, need_weights=False)
+        if newest_only:
+            x, query, attn_mask = x[:, -1:], h[:, -1:], None
+        else:
+            query = h
+        a, _ = self.attn(query, h, h, attn_mask=attn_mask, need_weights=False)
         return x + self.attn_drop(a)
 
 
@@ -79,3 +85,8 @@ class DenseTransformerBlock(_Block):
         """``router_context`` and ``cohort`` are accepted for interface parity and ignored
         (no router)."""
         return self.ffn(self.attend(x, attn_mask))
+
+    def newest(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward`` (causal) of the last position alone: ``[batch, 1, dim]``, equal to
+        ``forward(x, causal_mask)[0][:, -1:]`` at a fraction of the work."""
+        return self.ffn(self.attend(x, None, newest_only=True))
