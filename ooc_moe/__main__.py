@@ -282,15 +282,17 @@ PPO_HELP = {
     "num_envs": "parallel environments",
     "num_steps": "rollout steps per environment per update",
     "learning_rate": "Adam learning rate of dense parameters and experts",
-    "anneal_lr": "anneal the learning rate linearly to 0 over each game",
+    "anneal_lr": "anneal the learning rate linearly to 0 over each game (the presets do, "
+                 "as the runs they made; off by default since 2026-12-06)",
     "gamma": "discount factor",
     "gae_lambda": "GAE lambda",
     "num_minibatches": "minibatches per epoch",
     "minibatches": "random: CleanRL's random steps (a window's older tokens without the "
                    "encoder's gradient); env: whole rollouts of num_envs/num_minibatches envs",
     "older_tokens": "with random minibatches and a window, its older tokens in the epochs "
-                    "after the first: fresh (encoded again each epoch) or recycled (the "
-                    "newest tokens the epoch before encoded; an ablation, faster)",
+                    "after the first: recycled (the newest tokens the epoch before "
+                    "encoded) or fresh (encoded again each epoch: one more encoder forward "
+                    "per frame; the presets' and every run's before 2026-12-06)",
     "update_epochs": "PPO epochs per update",
     "norm_adv": "normalise advantages per minibatch",
     "clip_coef": "surrogate (and value) clipping coefficient",
@@ -397,7 +399,10 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
 # Named configurations of ``experiment --preset NAME`` (flags given as well win). The
 # window agents' sizes are the demo's: 32 experts of 64 -> 128 -> 64, HBM 8, DRAM 16.
 DEMO_SIZES = {"num_experts": 32, "expert_dim": 64, "expert_hidden_dim": 128,
-              "hbm_capacity": 8, "dram_capacity": 16, "context_len": 4}
+              "hbm_capacity": 8, "dram_capacity": 16, "context_len": 4,
+              # the PPO defaults before 2026-12-06, with which every preset's committed
+              # runs were made (today's: a constant rate, recycled older tokens)
+              "anneal_lr": True, "older_tokens": "fresh"}
 # Forgetting in minutes: three synthetic games (contextual bandits whose action tables
 # clash, ``ooc_moe.envs.synthetic``) learnt with gamma 0, short rollouts and a larger
 # learning rate; four kinds x five seeds, two runs at a time (~15 min on 2 CPU cores).
@@ -447,7 +452,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     b.add_argument("--dir", default=None, help="directory for the expert file (an NVMe disk)")
     b.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    b.add_argument("--older_tokens", choices=list(OLDER_TOKENS), default="fresh",
+    b.add_argument("--older_tokens", choices=list(OLDER_TOKENS), default=PPOArgs.older_tokens,
                    help="train: the window agents' older tokens after the first epoch "
                         "(PPOArgs.older_tokens)")
     b.set_defaults(func=_bench)

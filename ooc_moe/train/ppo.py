@@ -1,28 +1,32 @@
 """PPO for the MoE agent, in the shape of CleanRL's ``ppo_atari.py`` (Huang et al., 2022).
 
-Same defaults and vocabulary: 8 envs x 128 steps, 4 minibatches, 4 epochs, lr 2.5e-4 annealed,
+Same defaults and vocabulary: 8 envs x 128 steps, 4 minibatches, 4 epochs, lr 2.5e-4,
 gamma 0.99, GAE lambda 0.95, clip 0.1, clipped value loss, entropy 0.01, value 0.5, max grad
 norm 0.5; buffers ``obs, actions, logprobs, rewards, dones, values``; flattened ``b_*``;
 losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
+
+- the learning rate stays at 2.5e-4 (``anneal_lr=False``; ``--anneal_lr`` anneals it linearly
+  to 0 over each game, as CleanRL over its whole run): CleanRL anneals over 10M steps, so at
+  the few hundred thousand steps of a game on a CPU annealing would halve the average rate
+  (measured: README, "The learning rate");
 
 - the policy reads a window of ``context_len`` observations, rebuilt for each step from the
   rollout's frames (plus the frames before it) and re-encoded with the current encoder.
   ``minibatches="random"`` (the default) draws CleanRL's random minibatches over all steps and
   environments: each window's newest observation is encoded with the encoder's gradient, its
   older ones come from a no-grad encoding of the rollout's frames made at the start of each
-  epoch (the encoder still learns from every frame, as the newest token of its own step), so
-  an epoch costs one encoder backward per step, as CleanRL's, plus one forward per frame; the
-  first epoch's are the tokens the rollout encoded (the same parameters), so only its
-  ``context_len - 1`` prefix frames per environment are encoded again. With
-  ``older_tokens="recycled"`` (an ablation) the later epochs' older tokens of rollout frames
-  are the newest tokens the epoch before encoded (detached: up to ``2 * num_minibatches - 1``
-  optimizer steps old, against ``num_minibatches - 1`` when encoded afresh), so a later epoch
-  encodes again only the prefix frames: a dense window agent then costs about CleanRL's
-  encoder work plus its transformer.
+  epoch (the encoder still learns from every frame, as the newest token of its own step);
+  the first epoch's are the tokens the rollout encoded (the same parameters), so only its
+  ``context_len - 1`` prefix frames per environment are encoded again. In later epochs
+  (``older_tokens="recycled"``, the default) they are the newest tokens the epoch before
+  encoded (detached: up to ``2 * num_minibatches - 1`` optimizer steps old), so an epoch
+  costs CleanRL's encoder work (one forward and backward per step) plus the transformer;
+  ``older_tokens="fresh"`` encodes every frame again at the start of each later epoch (up to
+  ``num_minibatches - 1`` steps old, one more encoder forward per frame and epoch);
   ``minibatches="env"`` draws them by *environment* (as CleanRL's ``ppo_atari_lstm.py``): a
   minibatch is ``num_envs / num_minibatches`` environments' whole rollouts, every token of
-  every window with the encoder's gradient; an agent without a window (``context_len == 1``:
-  ``CNNAgent``) always gets random minibatches;
+  every window with the encoder's gradient (``older_tokens`` does nothing); an agent without
+  a window (``context_len == 1``: ``CNNAgent``) always gets random minibatches;
 - an agent that routes by game (``env``, ``cohort``) is updated with the game each step was
   *routed* with while acting (the detector's prediction, where a detector is trained), kept
   in ``games``, so rollout and update policies are the same function of the game;
@@ -68,14 +72,14 @@ class PPOArgs:
     num_envs: int = 8            # parallel environments
     num_steps: int = 128         # steps per environment per rollout
     learning_rate: float = 2.5e-4  # Adam learning rate (dense parameters and experts)
-    anneal_lr: bool = True       # anneal the learning rate linearly to 0 over a game
+    anneal_lr: bool = False      # anneal the learning rate linearly to 0 over each game
     gamma: float = 0.99          # discount
     gae_lambda: float = 0.95     # GAE lambda
     num_minibatches: int = 4     # minibatches per epoch
     minibatches: str = "random"  # "random" steps (CleanRL) or whole rollouts of "env"s
-    older_tokens: str = "fresh"  # a window's older tokens, epochs after the first: "fresh"
-                                 # (encoded again) or "recycled" (the last epoch's newest);
-                                 # random minibatches only, nothing to do without a window
+    older_tokens: str = "recycled"  # a window's older tokens, epochs after the first:
+                                    # "recycled" (the last epoch's newest) or "fresh" (encoded
+                                    # again); random minibatches with a window only
     update_epochs: int = 4       # epochs per update
     norm_adv: bool = True        # normalise advantages per minibatch
     clip_coef: float = 0.1       # surrogate clipping
@@ -97,10 +101,6 @@ class PPOArgs:
         if self.older_tokens not in OLDER_TOKENS:
             raise ValueError(f"older_tokens must be one of {OLDER_TOKENS}, got "
                              f"{self.older_tokens!r} (e.g. --older_tokens fresh)")
-        if self.older_tokens == "recycled" and self.minibatches == "env":
-            raise ValueError("older_tokens='recycled' needs random minibatches (minibatches="
-                             "'env' encodes every token with its gradient): use "
-                             "--minibatches random, or --older_tokens fresh")
         self.batch_size = self.num_envs * self.num_steps
         if self.minibatches == "env" and self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches="
@@ -332,8 +332,8 @@ class PPOTrainer:
         encoded with the current encoder (``PPOArgs.minibatches`` says how they are drawn).
         ``first_epoch``: the parameters are still the rollout's, so random minibatches take the
         older tokens of the rollout's own frames from ``buffer.tokens``; in later epochs they
-        are encoded again, or with ``older_tokens="recycled"`` taken from the newest tokens of
-        the epoch before (only the prefix frames are encoded again)."""
+        are the newest tokens of the epoch before (``older_tokens="recycled"``: only the
+        prefix frames are encoded again) or encoded again (``"fresh"``)."""
         args, b, agent = self.args, self.buffer, self.agent
         S, N, T = args.num_steps, args.num_envs, agent.context_len
         index = b.window_index(T)                                     # [S, N, T]
