@@ -290,9 +290,8 @@ PPO_HELP = {
     "minibatches": "random: CleanRL's random steps (a window's older tokens without the "
                    "encoder's gradient); env: whole rollouts of num_envs/num_minibatches envs",
     "older_tokens": "with random minibatches and a window, its older tokens in the epochs "
-                    "after the first: recycled (the newest tokens the epoch before "
-                    "encoded) or fresh (encoded again each epoch: one more encoder forward "
-                    "per frame; the presets' and every run's before 2026-12-06)",
+                    "after the first: fresh (encoded again each epoch) or recycled (the "
+                    "newest tokens the epoch before encoded; faster, an ablation)",
     "update_epochs": "PPO epochs per update",
     "norm_adv": "normalise advantages per minibatch",
     "clip_coef": "surrogate (and value) clipping coefficient",
@@ -400,9 +399,9 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
 # window agents' sizes are the demo's: 32 experts of 64 -> 128 -> 64, HBM 8, DRAM 16.
 DEMO_SIZES = {"num_experts": 32, "expert_dim": 64, "expert_hidden_dim": 128,
               "hbm_capacity": 8, "dram_capacity": 16, "context_len": 4,
-              # the PPO defaults before 2026-12-06, with which every preset's committed
-              # runs were made (today's: a constant rate, recycled older tokens)
-              "anneal_lr": True, "older_tokens": "fresh"}
+              # the learning rate annealed over each game, the default before 2026-12-06,
+              # with which every preset's committed runs were made
+              "anneal_lr": True}
 # Forgetting in minutes: three synthetic games (contextual bandits whose action tables
 # clash, ``ooc_moe.envs.synthetic``) learnt with gamma 0, short rollouts and a larger
 # learning rate; four kinds x five seeds, two runs at a time (~15 min on 2 CPU cores).
