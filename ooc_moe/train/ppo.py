@@ -20,9 +20,9 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
   (``older_tokens="fresh"``, the default) every frame is encoded again at the start of the
   epoch (up to ``num_minibatches - 1`` optimizer steps old), one more encoder forward per
   frame and epoch than CleanRL's; with ``older_tokens="recycled"`` (faster; README,
-  "Measured", weighs how it learns) they are the newest tokens the epoch
-  before encoded (detached: up to ``2 * num_minibatches - 1`` steps old), so an epoch costs
-  CleanRL's encoder work (one forward and backward per step) plus the transformer;
+  "Measured", weighs how it learns) they are the newest tokens the epoch before encoded
+  (detached: up to ``2 * num_minibatches - 1`` steps old), so an epoch costs CleanRL's
+  encoder work (one forward and backward per step) plus the transformer;
   ``minibatches="env"`` draws them by *environment* (as CleanRL's ``ppo_atari_lstm.py``): a
   minibatch is ``num_envs / num_minibatches`` environments' whole rollouts, every token of
   every window with the encoder's gradient; an agent without a window (``context_len == 1``:
