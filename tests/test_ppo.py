@@ -280,7 +280,9 @@ def test_random_minibatches_with_a_window_gather_every_steps_window(monkeypatch)
     assert encoded == [2 * 2] + [4] * 3       # the 2 prefix frames of 2 envs, then the newest
     encoded.clear()
     batches = list(trainer.minibatches())
-    assert sum(encoded) == 8 * 2 + 12         # every frame again, then the newest
+    # the first minibatch's newest with their gradient, every other frame again without it
+    # (the first minibatch's tokens serve as older tokens too), then the others' newest
+    assert encoded[0] == 4 and sum(encoded) == 8 * 2 + 12 - 4
     agent.encode = original
     inds = torch.cat([i for i, _ in batches])
     assert [len(i) for i, _ in batches] == [4, 4, 4]

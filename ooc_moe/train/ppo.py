@@ -19,7 +19,8 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
   ``context_len - 1`` prefix frames per environment are encoded again. In later epochs
   (``older_tokens="fresh"``, the default) every frame is encoded again at the start of the
   epoch (up to ``num_minibatches - 1`` optimizer steps old), one more encoder forward per
-  frame and epoch than CleanRL's; with ``older_tokens="recycled"`` (faster; README,
+  frame and epoch than CleanRL's but for the first minibatch's newest frames (encoded with
+  the gradient at the same parameters, their tokens serve as older tokens too); with ``older_tokens="recycled"`` (faster; README,
   "Measured", weighs how it learns) they are the newest tokens the epoch before encoded
   (detached: up to ``2 * num_minibatches - 1`` steps old), so an epoch costs CleanRL's
   encoder work (one forward and backward per step) plus the transformer;
@@ -124,7 +125,11 @@ class RolloutBuffer:
                  token_dim: int = 0) -> None:
         S, N, P = args.num_steps, args.num_envs, context_len - 1
         self.prefix = P
-        self.frames = torch.zeros((P + S, N, *obs_shape), dtype=torch.uint8)   # on the host
+        # on the host, each frame channels last (``[.., C, H, W]`` indexing, HWC in memory):
+        # the encoders convert it to floats in that layout several times faster than from
+        # the default one, and the update converts every frame once per epoch or more
+        c, h, w = obs_shape
+        self.frames = torch.zeros((P + S, N, h, w, c), dtype=torch.uint8).permute(0, 1, 4, 2, 3)
         self.starts = torch.ones(P + S, N, dtype=torch.bool)    # frame begins an episode
         self.actions = torch.zeros(S, N, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(S, N, device=device)
@@ -345,20 +350,23 @@ class PPOTrainer:
             frames = b.frames.flatten(0, 1)                  # [(P+S)*N, C, H, W], frame-major
             keys = (index * N + torch.arange(N)[None, :, None]).flatten(0, 1)   # [S*N, T]
             older, recycle = None, T > 1 and args.older_tokens == "recycled"
+            batches = torch.randperm(args.batch_size).split(args.minibatch_size)
+            first_newest = None
             if T > 1:         # every frame once per epoch, without gradient (but the first)
                 reuse = b.tokens.flatten(0, 1) if first_epoch else (self._newest if recycle
                                                                      else None)
-                with torch.no_grad():
-                    encode = frames[:b.prefix * N] if reuse is not None else frames
-                    older = [agent.encode(f.to(self.device))
-                             for f in encode.split(args.minibatch_size)]
-                    if reuse is not None:
-                        older.append(reuse)
-                    older = torch.cat(older)
+                if reuse is None:
+                    older, first_newest = self._fresh_tokens(frames, keys[batches[0], -1])
+                else:
+                    with torch.no_grad():
+                        older = torch.cat([agent.encode(f.to(self.device)) for f in
+                                           frames[:b.prefix * N].split(args.minibatch_size)]
+                                          + [reuse])
             if recycle:
                 self._newest = torch.empty(S * N, agent.token_dim, device=self.device)
-            for mb_inds in torch.randperm(args.batch_size).split(args.minibatch_size):
-                windows = self._windows_of(frames, keys[mb_inds], older)
+            for i, mb_inds in enumerate(batches):
+                windows = self._windows_of(frames, keys[mb_inds], older,
+                                           first_newest if i == 0 else None)
                 if recycle:                # this step's token, for the next epoch to recycle
                     self._newest[mb_inds.to(self.device)] = windows[:, -1].detach()
                 yield mb_inds, windows
@@ -372,15 +380,34 @@ class PPOTrainer:
             mb_inds = (torch.arange(S)[:, None] * N + mb_envs[None, :]).flatten()
             yield mb_inds, windows.flatten(0, 1)                      # [S*n, T, dim]
 
+    def _fresh_tokens(self, frames: torch.Tensor, first: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every frame's token at the current parameters (without gradient), and the
+        tokens of the frames ``first`` (the first minibatch's newest) with the encoder's
+        gradient: the first minibatch encodes them at these parameters anyway, so their
+        detached values serve as older tokens, and only the other frames are encoded here."""
+        newest = self.agent.encode(frames[first].to(self.device))
+        rest = torch.ones(len(frames), dtype=torch.bool)
+        rest[first] = False
+        rest = rest.nonzero().squeeze(1)
+        older = torch.empty(len(frames), self.agent.token_dim, device=self.device)
+        with torch.no_grad():
+            for ids in rest.split(self.args.minibatch_size):
+                older[ids.to(self.device)] = self.agent.encode(frames[ids].to(self.device))
+        older[first.to(self.device)] = newest.detach()
+        return older, newest
+
     def _windows_of(self, frames: torch.Tensor, keys: torch.Tensor,
-                    older: torch.Tensor | None) -> torch.Tensor:
+                    older: torch.Tensor | None, newest: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """``[B, T, dim]`` windows of the frames ``keys [B, T]`` points at: the newest
-        encoded now, with the encoder's gradient, the older ones taken from ``older`` (the
-        tokens of every frame, encoded without gradient)."""
-        newest = self.agent.encode(frames[keys[:, -1]].to(self.device))[:, None]
+        encoded now, with the encoder's gradient (or ``newest``, encoded so already), the
+        older ones taken from ``older`` (the tokens of every frame, without gradient)."""
+        if newest is None:
+            newest = self.agent.encode(frames[keys[:, -1]].to(self.device))
         if older is None:
-            return newest
-        return torch.cat([older[keys[:, :-1].to(self.device)], newest], 1)
+            return newest[:, None]
+        return torch.cat([older[keys[:, :-1].to(self.device)], newest[:, None]], 1)
 
     def update(self, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
         """PPO epochs over ``minibatches``; returns the last losses (CleanRL's names)."""
