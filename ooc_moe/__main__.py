@@ -145,7 +145,7 @@ def _train_args(args: argparse.Namespace, atari: bool) -> "TrainArgs":
         load_balance_coef=args.load_balance_coef, balance=args.balance,
         balance_horizon=args.balance_horizon, cohort_size=args.cohort_size,
         encoder_init=args.encoder_init, token_norm=args.token_norm,
-        final_norm=args.final_norm, action_mask=args.action_mask, atari_env=args.atari_env,
+        final_norm=args.final_norm, newest_only=args.newest_only, action_mask=args.action_mask, atari_env=args.atari_env,
         detector=args.detector, trace=args.trace,
         checkpoint_every=args.checkpoint_every, ppo=PPOArgs(**ppo),
         eval=EvalArgs(episodes=args.eval_episodes, max_steps=args.eval_max_steps,
@@ -377,6 +377,10 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
     agent.add_argument("--final_norm", action=argparse.BooleanOptionalAction, default=True,
                        help="LayerNorm on the newest position before the actor and critic "
                             "(--no-final_norm: an ablation)")
+    agent.add_argument("--newest_only", action=argparse.BooleanOptionalAction, default=False,
+                       help="the MoE agent's last block routes and computes the newest "
+                            "position alone, the one the heads read (the dense agent's "
+                            "always does: the same outputs there)")
     agent.add_argument("--hbm_capacity", type=int, default=16, help="expert slots in HBM")
     agent.add_argument("--dram_capacity", type=int, default=64,
                        help="expert slots in DRAM (>= hbm_capacity)")

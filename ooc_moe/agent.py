@@ -74,6 +74,10 @@ class MoERLAgentConfig:
                                      # sqrt 2) or "torch" (its default; an ablation)
     token_norm: bool = True          # LayerNorm on each frame's token (False: an ablation)
     final_norm: bool = True          # LayerNorm before the heads (False: an ablation)
+    newest_only: bool = False        # the MoE agent's last block computes (routes, fetches
+                                     # experts for) the newest position alone, the one the
+                                     # heads read; the dense agent's always does (the same
+                                     # outputs there: no router)
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTING_MODES:
@@ -285,7 +289,7 @@ class _SequenceAgent(nn.Module):
         last = len(self.blocks) - 1
         for i, (block, cohort) in enumerate(zip(self.blocks, cohorts)):
             if i == last and self.last_block_newest_only:
-                x, block_aux = block.newest(x)
+                x, block_aux = block.newest(x, context, cohort)
             else:
                 x, block_aux = block(x, self.causal[:T, :T], context, cohort)
             aux = aux + block_aux
@@ -318,6 +322,7 @@ class MoERLAgent(_SequenceAgent):
         cohorts = (CohortTable(config.num_envs, config.num_layers, config.cohort_size,
                                config.num_experts) if config.routing == "cohort" else None)
         super().__init__(config, blocks, cohorts)
+        self.last_block_newest_only = config.newest_only
         self.store = store
         self.to(store.device)
 
@@ -329,8 +334,8 @@ class MoERLAgent(_SequenceAgent):
 class DenseRLAgent(_SequenceAgent):
     """The baseline: ``DenseFFN`` blocks with the MoE agent's active parameters per token.
     Its last block computes the newest position alone, the one the heads read (the same
-    outputs, less work); the MoE agent's computes every position, whose routing feeds its
-    balancing loss and routing figures."""
+    outputs, less work); the MoE agent's does so with ``newest_only`` (else it computes
+    every position, whose routing then feeds its balancing loss and routing figures too)."""
 
     last_block_newest_only = True
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ooc_moe.agent import (CNNAgent, CNNAgentConfig, ContextWindows, DenseRLAgent,
-                           MoERLAgentConfig)
+                           MoERLAgent, MoERLAgentConfig)
 
 SMALL = dict(num_experts=16, expert_dim=32, expert_hidden=64, num_layers=2, num_heads=2,
              context_len=4, hbm_cap=4, dram_cap=8, num_envs=3)
@@ -130,6 +130,28 @@ def test_the_dense_agents_last_block_on_the_newest_position_is_the_causal_forwar
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b)
+
+
+def test_the_moe_agents_newest_only_last_block_acts_the_same_and_routes_the_newest_alone():
+    """``newest_only``: the MoE agent's last block computes the newest position alone, so the
+    same weights give the same logits and values (each token is routed on its own), its
+    last layer routes one token per window, and its balancing loss covers those tokens."""
+    torch.manual_seed(0)
+    cfg = MoERLAgentConfig(**SMALL)
+    full = cfg.create_agent("cpu")
+    newest = MoERLAgent(MoERLAgentConfig(**SMALL, newest_only=True), full.store)  # its experts
+    newest.load_state_dict(full.state_dict())
+    windows = torch.randn(5, 3, 32)
+    (logits, values, aux), (logits2, values2, aux2) = full(windows), newest(windows)
+    torch.testing.assert_close(logits2, logits)
+    torch.testing.assert_close(values2, values)
+    first, last = (layer.last_routing.expert_indices for layer in newest.moe_layers)
+    assert first.shape == (5 * 3, cfg.top_k) and last.shape == (5, cfg.top_k)
+    assert full.moe_layers[-1].last_routing.expert_indices.shape == (5 * 3, cfg.top_k)
+    torch.testing.assert_close(last, full.moe_layers[-1].last_routing.expert_indices
+                               .view(5, 3, -1)[:, -1])
+    assert not torch.allclose(aux2, aux)          # balanced over the newest tokens alone
+    full.store.shutdown()
 
 
 def test_dense_baseline_has_the_same_interface_and_similar_active_parameters():

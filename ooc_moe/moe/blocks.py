@@ -70,6 +70,12 @@ class MoETransformerBlock(_Block):
                 ) -> tuple[Tensor, Tensor]:
         return self.moe(self.attend(x, attn_mask), router_context, cohort)
 
+    def newest(self, x: Tensor, router_context: Tensor | None = None,
+               cohort: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``forward`` (causal) of the last position alone: ``[batch, 1, dim]``, routed
+        and balanced over those tokens only."""
+        return self.moe(self.attend(x, None, newest_only=True), router_context, cohort)
+
 
 class DenseTransformerBlock(_Block):
     """Attention + ``DenseFFN`` with the active parameters of a top-k MoE block."""
@@ -86,7 +92,8 @@ class DenseTransformerBlock(_Block):
         (no router)."""
         return self.ffn(self.attend(x, attn_mask))
 
-    def newest(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def newest(self, x: Tensor, router_context: Tensor | None = None,
+               cohort: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``forward`` (causal) of the last position alone: ``[batch, 1, dim]``, equal to
         ``forward(x, causal_mask)[0][:, -1:]`` at a fraction of the work."""
         return self.ffn(self.attend(x, None, newest_only=True))

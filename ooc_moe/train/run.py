@@ -114,6 +114,8 @@ class TrainArgs:
     encoder_init: str = "cleanrl"   # "cleanrl" or "torch" (MoERLAgentConfig.encoder_init)
     token_norm: bool = True         # LayerNorm on each token (MoERLAgentConfig.token_norm)
     final_norm: bool = True         # LayerNorm before the heads (MoERLAgentConfig.final_norm)
+    newest_only: bool = False       # MoE's last block: the newest position alone
+                                    # (MoERLAgentConfig.newest_only)
     action_mask: str = "none"       # "none": all 18 actions; "legal": each game's minimal set
     atari_env: str = "vector"       # "vector": ale-py's AtariVectorEnv; "cleanrl": CleanRL's
                                     # wrappers (FIRE and a fresh frame stack at a lost life)
@@ -155,7 +157,7 @@ class TrainArgs:
             load_balance_coef=self.load_balance_coef, balance=self.balance,
             balance_horizon=self.balance_horizon, cohort_size=self.cohort_size,
             encoder_init=self.encoder_init, token_norm=self.token_norm,
-            final_norm=self.final_norm)
+            final_norm=self.final_norm, newest_only=self.newest_only)
 
 
 def make_env(game: str, num_envs: int, seed: int, atari_env: str = "vector"):
