@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bench
+from .agent import MoERLAgentConfig
 from .smoke import run_smoke
 from .store import TieredExpertStore
 from .store.stats import LINKS
@@ -37,7 +38,8 @@ def _bench(args: argparse.Namespace) -> None:
                               ("dist", bench.DistBenchConfig, bench.bench_dist)):
         if args.what in (name, "all"):
             make = config.quick if args.quick else config
-            extra = {"older_tokens": args.older_tokens} if name == "train" else {}
+            extra = ({"older_tokens": args.older_tokens, "newest_only": args.newest_only}
+                     if name == "train" else {})
             results[name] = run(make(device=args.device, directory=args.dir, **extra))
     if args.json:
         bench.write_json({**results, "machine": machine, "command": _command(),
@@ -377,7 +379,8 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
     agent.add_argument("--final_norm", action=argparse.BooleanOptionalAction, default=True,
                        help="LayerNorm on the newest position before the actor and critic "
                             "(--no-final_norm: an ablation)")
-    agent.add_argument("--newest_only", action=argparse.BooleanOptionalAction, default=False,
+    agent.add_argument("--newest_only", action=argparse.BooleanOptionalAction,
+                       default=MoERLAgentConfig.newest_only,
                        help="the MoE agent's last block routes and computes the newest "
                             "position alone, the one the heads read (the dense agent's "
                             "always does: the same outputs there)")
@@ -458,6 +461,10 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--older_tokens", choices=list(OLDER_TOKENS), default=PPOArgs.older_tokens,
                    help="train: the window agents' older tokens after the first epoch "
                         "(PPOArgs.older_tokens)")
+    b.add_argument("--newest_only", action=argparse.BooleanOptionalAction,
+                   default=MoERLAgentConfig.newest_only,
+                   help="train: the MoE agent's last block computes the newest position "
+                        "alone (MoERLAgentConfig.newest_only)")
     b.set_defaults(func=_bench)
     p = sub.add_parser("dist-layer", help="under torchrun: train an expert-parallel MoE layer "
                                           "(experts sharded over the ranks, each with its own "

@@ -607,6 +607,7 @@ class TrainBenchConfig:
     dram_capacity: int = 16
     detector: bool = True          # the MoE agent's online detector and prefetching, as trained
     older_tokens: str = "fresh"    # PPOArgs.older_tokens of the window agents (its default)
+    newest_only: bool = False      # MoERLAgentConfig.newest_only of the MoE agent (its default)
     threads: int = 1               # torch threads while measuring
     seed: int = 1
     device: str | None = None
@@ -644,7 +645,8 @@ def bench_train(cfg: TrainBenchConfig) -> dict:
 
     sizes = {k: getattr(cfg, k) for k in (
         "num_experts", "expert_dim", "expert_hidden_dim", "num_layers", "num_heads", "top_k",
-        "context_len", "hbm_capacity", "dram_capacity", "detector", "seed", "device")}
+        "context_len", "hbm_capacity", "dram_capacity", "detector", "newest_only", "seed",
+        "device")}
     ppo = PPOArgs(num_envs=cfg.num_envs, num_steps=cfg.num_steps,
                   older_tokens=cfg.older_tokens)
     steps = ppo.batch_size * (cfg.iterations + cfg.warmup)
@@ -653,7 +655,8 @@ def bench_train(cfg: TrainBenchConfig) -> dict:
     state = machine()
     print(f"bench train: {cfg.game}, {cfg.num_envs} envs x {cfg.num_steps} steps, "
           f"{cfg.iterations} timed iterations per agent after {cfg.warmup} warm-up, "
-          f"interleaved, {cfg.threads} torch thread(s), older tokens {cfg.older_tokens}; load "
+          f"interleaved, {cfg.threads} torch thread(s), older tokens {cfg.older_tokens}, MoE "
+          f"last block {'newest position' if cfg.newest_only else 'every position'}; load "
           f"average before {state['load_before']:.2f} on {state['cpus']} CPUs")
     runs, results, env_alone = {}, {}, _env_sps(cfg, steps)
     print(f"  env    SPS {env_alone['sps']:7.1f}  (the environment alone, random actions)")

@@ -648,7 +648,7 @@ class PrefetchPlanner:
         else:
             scores = self._scores(expert_logits).cpu()
             order = torch.argsort(scores, descending=True, stable=True)
-            ids = [int(e) for e in order if scores[e] >= self.min_prob]
+            ids = order[scores[order] >= self.min_prob].tolist()
         ids = ids[:self.top_k]
         asked = self._prefetch(ids, [] if switch else self._last_used)
         dropped = len(asked) - len(self.store.prefetch(asked, tier=self.tier)) if asked else 0
