@@ -112,7 +112,7 @@ class _StreamedExperts(torch.autograd.Function):
         grad_weights = torch.zeros_like(weights).reshape(-1)
         grad_weights[d.order] = (g * y).sum(-1)
         gy = g * weights.reshape(-1)[d.order][:, None]              # dL/d y per assignment
-        grad_x = torch.zeros_like(x)
+        gx = torch.empty_like(g)                                    # dL/d x per assignment
         waves = ctx.waves[::-1]  # the last forward wave is most likely still resident
         sq_norms = expert_grad_sq_norms(store)
         for i, wave in enumerate(waves):
@@ -129,10 +129,13 @@ class _StreamedExperts(torch.autograd.Function):
                 ga = (ge @ ex.w2) * (a > 0)
                 ex.grad_w1.addmm_(ga.T, xe)
                 ex.grad_b1.add_(ga.sum(0))
-                grad_x.index_add_(0, tokens, ga @ ex.w1)
+                gx[s:t] = ga @ ex.w1
                 sq_norms[e] = torch.dot(ex.grad, ex.grad)
             store.mark_dirty(wave)
             store.experts_with_grad.update(wave)
+        # summed in the experts' order, not the waves' (which follow what the store holds), so
+        # the same inputs give the same gradient whatever the cache held (a resumed run too)
+        grad_x = torch.zeros_like(x).index_add_(0, d.token, gx)
         return grad_x, grad_weights.view_as(weights), None, None, None, None
 
 

@@ -52,7 +52,7 @@ class ExpertOptimizer:
         """The squared norm of all pending expert gradients together, as ``step`` will apply
         them (times ``grad_scale ** 2``; over every rank's shard with ``reduce_norm``), 0-dim."""
         norms = expert_grad_sq_norms(self.store)
-        pending = [norms[e] for e in self.store.experts_with_grad]
+        pending = [norms[e] for e in sorted(self.store.experts_with_grad)]  # a fixed order
         total = (torch.stack(pending).sum() if pending
                  else torch.zeros((), device=self.store.device)) * self.grad_scale ** 2
         return total if self.reduce_norm is None else self.reduce_norm(total)

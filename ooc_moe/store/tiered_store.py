@@ -188,8 +188,13 @@ class TieredExpertStore:
         copies = make_copies(self.device, hbm_capacity, dram_capacity, self.compute_stream)
         # one allocation per pool: pinning per record (or per copy) is much slower
         dram_pool = torch.empty(dram_capacity, self.layout.numel, dtype=self.dtype)
-        hbm_pool = torch.empty(hbm_capacity, self.layout.numel, dtype=self.dtype,
-                               device=self.device)
+        # HBM rows start 64 bytes apart or a multiple of that: the experts compute from their
+        # slot, and matmul kernels round differently at other alignments, so an expert's
+        # result would depend on which slot it landed in (on what the cache held before)
+        align = max(64 // dram_pool.element_size(), 1)
+        stride = -(-self.layout.numel // align) * align
+        hbm_pool = torch.empty(hbm_capacity, stride, dtype=self.dtype,
+                               device=self.device)[:, :self.layout.numel]
         # touch every page now, so no fetch pays the first-touch page faults of a host pool
         dram_pool.zero_()
         hbm_pool.zero_()
