@@ -147,7 +147,8 @@ def _train_args(args: argparse.Namespace, atari: bool) -> "TrainArgs":
         load_balance_coef=args.load_balance_coef, balance=args.balance,
         balance_horizon=args.balance_horizon, cohort_size=args.cohort_size,
         encoder_init=args.encoder_init, token_norm=args.token_norm,
-        final_norm=args.final_norm, newest_only=args.newest_only, action_mask=args.action_mask, atari_env=args.atari_env,
+        final_norm=args.final_norm, newest_only=args.newest_only,
+        action_mask=args.action_mask, atari_env=args.atari_env,
         detector=args.detector, trace=args.trace,
         checkpoint_every=args.checkpoint_every, ppo=PPOArgs(**ppo),
         eval=EvalArgs(episodes=args.eval_episodes, max_steps=args.eval_max_steps,
@@ -292,8 +293,9 @@ PPO_HELP = {
     "minibatches": "random: CleanRL's random steps (a window's older tokens without the "
                    "encoder's gradient); env: whole rollouts of num_envs/num_minibatches envs",
     "older_tokens": "with random minibatches and a window, its older tokens in the epochs "
-                    "after the first: fresh (encoded again each epoch) or recycled (the "
-                    "newest tokens the epoch before encoded; faster, an ablation)",
+                    "after the first: recycled (the newest tokens the epoch before "
+                    "encoded) or fresh (encoded again each epoch: one more encoder forward "
+                    "per frame; the presets' and every run's before 2026-12-06)",
     "update_epochs": "PPO epochs per update",
     "norm_adv": "normalise advantages per minibatch",
     "clip_coef": "surrogate (and value) clipping coefficient",
@@ -383,7 +385,8 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
                        default=MoERLAgentConfig.newest_only,
                        help="the MoE agent's last block routes and computes the newest "
                             "position alone, the one the heads read (the dense agent's "
-                            "always does: the same outputs there)")
+                            "always does: the same outputs there); --no-newest_only: every "
+                            "position, as the presets and every run before 2026-12-06")
     agent.add_argument("--hbm_capacity", type=int, default=16, help="expert slots in HBM")
     agent.add_argument("--dram_capacity", type=int, default=64,
                        help="expert slots in DRAM (>= hbm_capacity)")
@@ -406,9 +409,10 @@ def _add_train_flags(p: argparse.ArgumentParser, atari: bool, **defaults) -> Non
 # window agents' sizes are the demo's: 32 experts of 64 -> 128 -> 64, HBM 8, DRAM 16.
 DEMO_SIZES = {"num_experts": 32, "expert_dim": 64, "expert_hidden_dim": 128,
               "hbm_capacity": 8, "dram_capacity": 16, "context_len": 4,
-              # the learning rate annealed over each game, the default before 2026-12-06,
-              # with which every preset's committed runs were made
-              "anneal_lr": True}
+              # the defaults before 2026-12-06, with which every preset's committed runs
+              # were made: the learning rate annealed over each game, fresh older tokens,
+              # the MoE agent's last block on every position
+              "anneal_lr": True, "older_tokens": "fresh", "newest_only": False}
 # Forgetting in minutes: three synthetic games (contextual bandits whose action tables
 # clash, ``ooc_moe.envs.synthetic``) learnt with gamma 0, short rollouts and a larger
 # learning rate; four kinds x five seeds, two runs at a time (~15 min on 2 CPU cores).

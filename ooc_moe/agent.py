@@ -74,9 +74,10 @@ class MoERLAgentConfig:
                                      # sqrt 2) or "torch" (its default; an ablation)
     token_norm: bool = True          # LayerNorm on each frame's token (False: an ablation)
     final_norm: bool = True          # LayerNorm before the heads (False: an ablation)
-    newest_only: bool = False        # the MoE agent's last block computes (routes, fetches
+    newest_only: bool = True         # the MoE agent's last block computes (routes, fetches
                                      # experts for) the newest position alone, the one the
-                                     # heads read; the dense agent's always does (the same
+                                     # heads read (False: every position, as before
+                                     # 2026-12-06); the dense agent's always does (the same
                                      # outputs there: no router)
 
     def __post_init__(self) -> None:

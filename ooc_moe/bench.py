@@ -606,8 +606,8 @@ class TrainBenchConfig:
     hbm_capacity: int = 8
     dram_capacity: int = 16
     detector: bool = True          # the MoE agent's online detector and prefetching, as trained
-    older_tokens: str = "fresh"    # PPOArgs.older_tokens of the window agents (its default)
-    newest_only: bool = False      # MoERLAgentConfig.newest_only of the MoE agent (its default)
+    older_tokens: str = "recycled"  # PPOArgs.older_tokens of the window agents (its default)
+    newest_only: bool = True       # MoERLAgentConfig.newest_only of the MoE agent (its default)
     threads: int = 1               # torch threads while measuring
     seed: int = 1
     device: str | None = None

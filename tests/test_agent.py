@@ -133,13 +133,14 @@ def test_the_dense_agents_last_block_on_the_newest_position_is_the_causal_forwar
 
 
 def test_the_moe_agents_newest_only_last_block_acts_the_same_and_routes_the_newest_alone():
-    """``newest_only``: the MoE agent's last block computes the newest position alone, so the
-    same weights give the same logits and values (each token is routed on its own), its
-    last layer routes one token per window, and its balancing loss covers those tokens."""
+    """``newest_only`` (the default): the MoE agent's last block computes the newest position
+    alone, so the same weights give the same logits and values as every position computed
+    (each token is routed on its own), its last layer routes one token per window, and its
+    balancing loss covers those tokens."""
     torch.manual_seed(0)
-    cfg = MoERLAgentConfig(**SMALL)
+    cfg = MoERLAgentConfig(**SMALL, newest_only=False)
     full = cfg.create_agent("cpu")
-    newest = MoERLAgent(MoERLAgentConfig(**SMALL, newest_only=True), full.store)  # its experts
+    newest = MoERLAgent(MoERLAgentConfig(**SMALL), full.store)       # the same experts
     newest.load_state_dict(full.state_dict())
     windows = torch.randn(5, 3, 32)
     (logits, values, aux), (logits2, values2, aux2) = full(windows), newest(windows)

@@ -6,6 +6,7 @@ import torch
 
 from ooc_moe.agent import CNNAgent, CNNAgentConfig, ContextWindows, MoERLAgentConfig
 from ooc_moe.train import EvalArgs, PPOArgs, PPOTrainer, RolloutBuffer, evaluate
+from ooc_moe.train.ppo import OLDER_TOKENS
 
 SMALL = dict(num_experts=8, expert_dim=16, expert_hidden=32, num_layers=2, num_heads=2,
              context_len=3, hbm_cap=4, dram_cap=8, num_envs=2)
@@ -254,11 +255,12 @@ def test_minibatches_must_split_the_envs_or_the_batch():
 
 
 def two_rollouts(**ppo) -> tuple:
-    """A small MoE agent and its trainer (2 envs x 6 steps, 3 minibatches, ``ppo``) after two
+    """A small MoE agent and its trainer (2 envs x 6 steps, 3 minibatches, or ``ppo``) after two
     rollouts of ``FixedEnv``, so that windows reach into the prefix."""
     torch.manual_seed(0)
     agent = MoERLAgentConfig(**SMALL).create_agent("cpu")
-    trainer = PPOTrainer(agent, PPOArgs(num_envs=2, num_steps=6, num_minibatches=3, **ppo))
+    trainer = PPOTrainer(agent, PPOArgs(**{"num_envs": 2, "num_steps": 6, "num_minibatches": 3,
+                                           **ppo}))
     env = FixedEnv(2)
     state = trainer.start(env, 0)
     trainer.collect(env, state, 0)
@@ -270,9 +272,9 @@ def test_random_minibatches_with_a_window_gather_every_steps_window(monkeypatch)
     """A windowed agent's random minibatches: a random partition of all (step, env) pairs,
     each with the window the environment-ordered path rebuilds for it; only the newest token
     carries the encoder's gradient; the first epoch takes the older tokens from the rollout
-    (encoding just the prefix frames again), and in rollout order the first update sees the
-    rollout's policy."""
-    agent, trainer = two_rollouts(update_epochs=1, minibatches="random")
+    (encoding just the prefix frames again), later epochs with ``older_tokens="fresh"`` encode
+    every frame again, and in rollout order the first update sees the rollout's policy."""
+    agent, trainer = two_rollouts(update_epochs=1, minibatches="random", older_tokens="fresh")
     encoded = []                              # batch sizes the encoder sees
     original = agent.encode
     agent.encode = lambda obs: encoded.append(len(obs)) or original(obs)
@@ -346,6 +348,24 @@ def test_recycled_older_tokens_are_the_epoch_befores_newest_tokens():
     assert not torch.allclose(fresh[P * 2:], newest)   # a fresh encoding would differ
     with pytest.raises(ValueError, match="fresh"):
         PPOArgs(older_tokens="stale")
-    with pytest.raises(ValueError, match="needs random minibatches"):
-        PPOArgs(older_tokens="recycled", minibatches="env")
     agent.store.shutdown()
+
+
+def test_minibatches_by_environment_encode_every_token_whatever_older_tokens_says():
+    """``minibatches="env"`` encodes every token of a window with the encoder's gradient, so
+    ``older_tokens`` (recycled by default) changes nothing there, in any epoch."""
+    assert PPOArgs().older_tokens == "recycled"
+    drawn = {}
+    for older_tokens in OLDER_TOKENS:
+        agent, trainer = two_rollouts(update_epochs=2, minibatches="env", num_minibatches=2,
+                                      older_tokens=older_tokens)
+        torch.manual_seed(1)
+        drawn[older_tokens] = [(i, w.detach()) for i, w in trainer.minibatches(True)]
+        with torch.no_grad():             # as an epoch's steps would (recycling would show)
+            for p in agent.encoder.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        drawn[older_tokens] += [(i, w.detach()) for i, w in trainer.minibatches()]
+        agent.store.shutdown()
+    for (i, w), (j, v) in zip(drawn["fresh"], drawn["recycled"], strict=True):
+        assert torch.equal(i, j)
+        torch.testing.assert_close(w, v)

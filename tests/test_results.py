@@ -510,7 +510,6 @@ def test_recycled_tokens_at_a_constant_rate_are_what_readme_says():
         ppo = run["args"]["ppo"]
         assert ppo["older_tokens"] == "recycled" and ppo["anneal_lr"] is False, name
         assert run["args"]["baseline"] == name.split("-")[0]
-    assert PPOArgs().older_tokens == "fresh" and PPOArgs().anneal_lr is False
     table = learning_table({**constant, **recycled}, 409_600)
     cnn = table["cnn-constlr"]["return_last"]
     ratio = {kind: table[kind]["return_last"] / cnn for kind in table}
@@ -542,7 +541,44 @@ def test_recycled_tokens_at_a_constant_rate_are_what_readme_says():
                   f"(`moe-cleanrl`, {before['return_last']:.2f} and "
                   f"{before['explained_variance']:.2f}), while its seeds 1 and 3 end inside the "
                   "fresh runs' range",
-                  "so the default stays `fresh`"):
+                  "so the default stays `fresh` at this point"):
+        assert claim in text, claim
+
+
+def test_the_defaults_since_2026_12_06_are_what_readme_says():
+    """README: the MoE agent with its last block on the newest position and recycled tokens
+    averages over 0.8x the constant-rate cnn, its seed 2 no longer near random play, so the
+    defaults are recycled tokens and ``newest_only``; under them the cnn passes 10 and both
+    window agents 0.8x."""
+    from ooc_moe.agent import MoERLAgentConfig
+    from ooc_moe.train import TrainArgs
+
+    assert PPOArgs().older_tokens == "recycled" and PPOArgs().anneal_lr is False
+    assert MoERLAgentConfig().newest_only and TrainArgs(games=("breakout",)).newest_only
+    newest = {name: run for name, run in load_results(RESULTS / "breakout-newest").items()
+              if name.startswith("moe-newest-recycled-constlr")}
+    assert sorted(newest) == [f"moe-newest-recycled-constlr-seed{s}" for s in (1, 2, 3)]
+    for name, run in newest.items():
+        args = run["args"]
+        assert (args["baseline"], args["newest_only"], args["ppo"]["older_tokens"],
+                args["ppo"]["anneal_lr"]) == ("moe", True, "recycled", False), name
+    runs = {**load_results(RESULTS / "breakout-lr"),
+            **load_results(RESULTS / "breakout-recycled-constlr"), **newest}
+    table = learning_table(runs, 409_600)
+    cnn = table["cnn-constlr"]["return_last"]
+    moe, dense = table["moe-newest-recycled-constlr"], table["dense-recycled-constlr"]
+    seed2 = last_100("moe-newest-recycled-constlr-seed2",
+                     newest["moe-newest-recycled-constlr-seed2"])
+    assert cnn >= 10 and min(moe["return_last"], dense["return_last"]) >= 0.8 * cnn
+    assert seed2 > 2 * HUMAN_SCORES["breakout"][0]                     # not near random play
+    text = readme_text(flat=True)
+    for claim in (f"the MoE agent's last 100 episodes average {moe['return_last'] / cnn:.2f}x "
+                  f"the cnn's with recycled tokens, every seed between "
+                  f"{moe['return_last_min']:.2f} and {moe['return_last_max']:.2f}",
+                  f"ends here at {seed2:.2f}",
+                  f"under them CleanRL's agent averages {cnn:.2f}, the dense agent "
+                  f"{dense['return_last'] / cnn:.2f}x and the MoE agent "
+                  f"{moe['return_last'] / cnn:.2f}x the cnn's"):
         assert claim in text, claim
 
 

@@ -171,8 +171,9 @@ def test_evaluate_scores_whole_episodes_and_disturbs_nothing():
     assert result["finished"] == 3 and result["steps"] == 200
     assert result["returns"] == pytest.approx(env.first.tolist())
     assert result["score"] == pytest.approx(env.first.mean())
-    tokens = 3 * 200 * args.context_len * args.top_k      # envs x steps x window x top_k
-    assert [sum(c) for c in result["routing"]] == [tokens] * args.num_layers
+    tokens = 3 * 200 * args.top_k                         # envs x steps x top_k x positions:
+    assert [sum(c) for c in result["routing"]] == (       # the window's, the last layer's newest
+        [tokens * args.context_len] * (args.num_layers - 1) + [tokens])
     again = evaluate(trainer, make_env("synthetic-1", 3, eval_args.seed), 1, eval_args)
     assert again["returns"] == result["returns"]           # same seeds, same episodes
     capped = evaluate(trainer, make_env("synthetic-1", 3, eval_args.seed), 1,

@@ -97,7 +97,8 @@ def test_layer_counts_are_the_routing(agent):
         for e in layer.last_routing.expert_indices.flatten().tolist():
             expected[e] += 1
         assert row.tolist() == expected.tolist()
-    assert counts.sum(1).tolist() == [5 * 3 * 2] * 2          # tokens x top_k per layer
+    # tokens x top_k per layer: every position, then the newest alone (newest_only)
+    assert counts.sum(1).tolist() == [5 * 3 * 2, 5 * 2]
 
 
 def test_position_counts_split_the_layer_counts_by_window_position(agent):
@@ -105,11 +106,14 @@ def test_position_counts_split_the_layer_counts_by_window_position(agent):
     by_position = position_routing_counts(agent)
     assert by_position.shape == (2, 3, 8)
     np.testing.assert_array_equal(by_position.sum(1), layer_routing_counts(agent))
-    for layer, table in zip(agent.moe_layers, by_position):
-        indices = layer.last_routing.expert_indices.view(4, 3, 2)     # [B, T, top_k]
+    for layer, table in zip(agent.moe_layers, by_position):   # the last: the newest alone
+        indices = layer.last_routing.expert_indices.view(4, -1, 2)    # [B, T or 1, top_k]
+        positions = range(3 - indices.shape[1], 3)
         for t in range(3):
-            assert table[t].tolist() == np.bincount(indices[:, t].flatten().numpy(),
-                                                    minlength=8).tolist()
+            expected = (np.bincount(indices[:, t - positions[0]].flatten().numpy(),
+                                    minlength=8) if t in positions else np.zeros(8))
+            assert table[t].tolist() == expected.tolist()
+    assert by_position[1, :2].sum() == 0 and by_position[0, :2].sum() > 0
     forward(agent, batch=4, window=2)
     assert position_routing_counts(agent, window_len=2).shape == (2, 2, 8)
     forward(agent, batch=3, window=2)                          # 6 tokens: not windows of 4
@@ -152,7 +156,8 @@ def test_one_rollout_records_every_step(agent):
     assert torch.get_num_threads() == threads
     routing = rollout["routing"]
     assert routing.shape == (6, 2, 8) and rollout["waves"].shape == (6, 2)
-    assert (routing.sum(2) == 2 * 3 * 2).all()                # envs x window x top_k
+    # envs x window x top_k, then envs x top_k in the last layer (newest_only)
+    assert (routing.sum(2) == [2 * 3 * 2, 2 * 2]).all()
     np.testing.assert_array_equal(routing[-1], layer_routing_counts(agent))
     assert rollout["rewards"].shape == rollout["actions"].shape == (6, 2)
     # each layer's forward fetches each expert it uses once

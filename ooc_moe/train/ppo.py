@@ -17,17 +17,17 @@ losses ``pg_loss, v_loss, entropy_loss``. Where this deviates, and why:
   epoch (the encoder still learns from every frame, as the newest token of its own step);
   the first epoch's are the tokens the rollout encoded (the same parameters), so only its
   ``context_len - 1`` prefix frames per environment are encoded again. In later epochs
-  (``older_tokens="fresh"``, the default) every frame is encoded again at the start of the
-  epoch (up to ``num_minibatches - 1`` optimizer steps old), one more encoder forward per
-  frame and epoch than CleanRL's but for the first minibatch's newest frames (encoded with
-  the gradient at the same parameters, their tokens serve as older tokens too); with ``older_tokens="recycled"`` (faster; README,
-  "Measured", weighs how it learns) they are the newest tokens the epoch before encoded
-  (detached: up to ``2 * num_minibatches - 1`` steps old), so an epoch costs CleanRL's
-  encoder work (one forward and backward per step) plus the transformer;
-  ``minibatches="env"`` draws them by *environment* (as CleanRL's ``ppo_atari_lstm.py``): a
-  minibatch is ``num_envs / num_minibatches`` environments' whole rollouts, every token of
-  every window with the encoder's gradient; an agent without a window (``context_len == 1``:
-  ``CNNAgent``) always gets random minibatches;
+  (``older_tokens="recycled"``, the default) they are the newest tokens the epoch before
+  encoded (detached: up to ``2 * num_minibatches - 1`` optimizer steps old), so an epoch
+  costs CleanRL's encoder work (one forward and backward per step) plus the transformer;
+  with ``older_tokens="fresh"`` every frame is encoded again at the start of the epoch (up to
+  ``num_minibatches - 1`` steps old), one more encoder forward per frame and epoch but for
+  the first minibatch's newest frames (encoded with the gradient at the same parameters,
+  their tokens serve as older tokens too). ``minibatches="env"`` draws them by
+  *environment* (as CleanRL's ``ppo_atari_lstm.py``): a minibatch is ``num_envs /
+  num_minibatches`` environments' whole rollouts, every token of every window with the
+  encoder's gradient (``older_tokens`` does nothing there); an agent without a window
+  (``context_len == 1``: ``CNNAgent``) always gets random minibatches;
 - an agent that routes by game (``env``, ``cohort``) is updated with the game each step was
   *routed* with while acting (the detector's prediction, where a detector is trained), kept
   in ``games``, so rollout and update policies are the same function of the game;
@@ -78,9 +78,9 @@ class PPOArgs:
     gae_lambda: float = 0.95     # GAE lambda
     num_minibatches: int = 4     # minibatches per epoch
     minibatches: str = "random"  # "random" steps (CleanRL) or whole rollouts of "env"s
-    older_tokens: str = "fresh"  # a window's older tokens, epochs after the first: "fresh"
-                                 # (encoded again) or "recycled" (the last epoch's newest);
-                                 # random minibatches only, nothing to do without a window
+    older_tokens: str = "recycled"  # a window's older tokens, epochs after the first:
+                                    # "recycled" (the last epoch's newest) or "fresh" (encoded
+                                    # again); random minibatches with a window only
     update_epochs: int = 4       # epochs per update
     norm_adv: bool = True        # normalise advantages per minibatch
     clip_coef: float = 0.1       # surrogate clipping
@@ -102,10 +102,6 @@ class PPOArgs:
         if self.older_tokens not in OLDER_TOKENS:
             raise ValueError(f"older_tokens must be one of {OLDER_TOKENS}, got "
                              f"{self.older_tokens!r} (e.g. --older_tokens fresh)")
-        if self.older_tokens == "recycled" and self.minibatches == "env":
-            raise ValueError("older_tokens='recycled' needs random minibatches (minibatches="
-                             "'env' encodes every token with its gradient): use "
-                             "--minibatches random, or --older_tokens fresh")
         self.batch_size = self.num_envs * self.num_steps
         if self.minibatches == "env" and self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches="
@@ -341,8 +337,8 @@ class PPOTrainer:
         encoded with the current encoder (``PPOArgs.minibatches`` says how they are drawn).
         ``first_epoch``: the parameters are still the rollout's, so random minibatches take the
         older tokens of the rollout's own frames from ``buffer.tokens``; in later epochs they
-        are encoded again, or with ``older_tokens="recycled"`` taken from the newest tokens of
-        the epoch before (only the prefix frames are encoded again)."""
+        are the newest tokens of the epoch before (``older_tokens="recycled"``: only the
+        prefix frames are encoded again) or encoded again (``"fresh"``)."""
         args, b, agent = self.args, self.buffer, self.agent
         S, N, T = args.num_steps, args.num_envs, agent.context_len
         index = b.window_index(T)                                     # [S, N, T]

@@ -114,7 +114,7 @@ class TrainArgs:
     encoder_init: str = "cleanrl"   # "cleanrl" or "torch" (MoERLAgentConfig.encoder_init)
     token_norm: bool = True         # LayerNorm on each token (MoERLAgentConfig.token_norm)
     final_norm: bool = True         # LayerNorm before the heads (MoERLAgentConfig.final_norm)
-    newest_only: bool = False       # MoE's last block: the newest position alone
+    newest_only: bool = True        # MoE's last block: the newest position alone
                                     # (MoERLAgentConfig.newest_only)
     action_mask: str = "none"       # "none": all 18 actions; "legal": each game's minimal set
     atari_env: str = "vector"       # "vector": ale-py's AtariVectorEnv; "cleanrl": CleanRL's

@@ -94,18 +94,22 @@ def layer_routing_counts(agent: MoERLAgent) -> np.ndarray:
 def position_routing_counts(agent: MoERLAgent, window_len: int | None = None) -> np.ndarray:
     """``[layers, positions, experts]``: ``layer_routing_counts`` split by each token's
     position in its window. ``window_len``: the length T of the last forward's windows
-    ``[B, T, dim]`` (default ``context_len``, what rollouts and PPO updates use)."""
+    ``[B, T, dim]`` (default ``context_len``, what rollouts and PPO updates use). A last
+    layer that computed the newest position alone (``newest_only``) counts in the last row."""
     layer_routing_counts(agent)                                   # the same checks
     T = window_len or agent.config.context_len
+    windows = agent.moe_layers[0].last_routing.expert_indices.shape[0] // T
     counts = []
     for layer in agent.moe_layers:
-        indices = layer.last_routing.expert_indices.cpu()         # [B*T, top_k]
-        assert indices.shape[0] % T == 0, \
+        indices = layer.last_routing.expert_indices.cpu()         # [B*T or B, top_k]
+        assert indices.shape[0] in (windows * T, windows), \
             f"{indices.shape[0]} tokens are not windows of {T}: pass window_len"
-        by_position = indices.view(-1, T, indices.shape[-1])      # [B, T, top_k]
-        counts.append(np.stack([torch.bincount(by_position[:, t].reshape(-1),
-                                               minlength=agent.config.num_experts).numpy()
-                                for t in range(T)]))
+        by_position = indices.view(windows, -1, indices.shape[-1])  # [B, T or 1, top_k]
+        table = np.zeros((T, agent.config.num_experts), dtype=np.int64)
+        for t in range(by_position.shape[1]):
+            table[T - by_position.shape[1] + t] = torch.bincount(
+                by_position[:, t].reshape(-1), minlength=agent.config.num_experts).numpy()
+        counts.append(table)
     return np.stack(counts)
 
 
@@ -148,8 +152,9 @@ def one_rollout(agent: MoERLAgent, env, steps: int, *, seed: int | None = None) 
     ``action_mask``: for an agent trained with one, the rollout plays actions it never took).
 
     Returns numpy arrays: ``routing [steps, layers, experts]`` (per step and MoE layer, the
-    assignments each expert got: every position of every window, top-k each), ``waves [steps,
-    layers]`` (how many HBM loads each layer's forward needed), ``rewards`` and ``actions``
+    assignments each expert got over the positions the layer computes of every window, the
+    last layer's newest alone with ``newest_only``, top-k each), ``waves [steps, layers]``
+    (how many HBM loads each layer's forward needed), ``rewards`` and ``actions``
     ``[steps, envs]``; ``store``, the change in the store's counters and bytes per link; and
     ``seconds`` and ``sps`` (environment steps of all environments per second).
     """
