@@ -201,8 +201,11 @@ class NatureCNN(nn.Module):
 
     def forward(self, obs: Tensor) -> Tensor:
         # a copy (never the caller's), channels last: PyTorch's CPU convolutions run faster
-        # forward and backward on that layout than on the default one
-        x = obs.to(torch.float32, memory_format=torch.channels_last, copy=True)
+        # forward and backward on that layout than on the default one; frames already in it
+        # (the rollout buffer's) convert faster without naming the layout
+        x = (obs.to(torch.float32, copy=True) if obs.is_contiguous(
+            memory_format=torch.channels_last) else
+             obs.to(torch.float32, memory_format=torch.channels_last, copy=True))
         return self.net(x.div_(255.0))
 
 

@@ -192,13 +192,16 @@ class EnvironmentDetector(nn.Module):
                 f"{expected[2]}] (history_len={self.history_len} frames of "
                 f"{self.obs_shape}), got {tuple(x.shape)}")
         device = self.game_head.weight.device
-        channels_last = torch.channels_last     # faster CPU convolutions, as in NatureCNN
+        # channels last: faster CPU convolutions (as in NatureCNN); frames already in that
+        # layout convert faster without naming it
+        layout = ({} if x.is_contiguous(memory_format=torch.channels_last)
+                  else {"memory_format": torch.channels_last})
         if x.dtype == torch.uint8:                               # a copy: div_ is safe
-            return x.to(device, torch.float32, memory_format=channels_last).div_(255.0)
+            return x.to(device, torch.float32, **layout).div_(255.0)
         if not x.is_floating_point():
             raise ValueError(f"observations must be uint8 frames (or floats in [0, 1]), got "
                              f"{x.dtype}")
-        return x.to(device, torch.float32, memory_format=channels_last)
+        return x.to(device, torch.float32, **layout)
 
     def forward(self, obs) -> tuple[Tensor, Tensor]:
         h = self.proj(self.encoder(self.prepare(obs)))                    # [B, hidden]

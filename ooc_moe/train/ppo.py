@@ -268,6 +268,7 @@ class PPOTrainer:
         finished = []
         for step in range(args.num_steps):
             obs = state["obs"]
+            obs = obs.contiguous(memory_format=torch.channels_last)  # as the encoders want it
             b.frames[b.prefix + step] = obs
             b.starts[b.prefix + step] = state["new_episode"]
             b.dones[step] = state["next_done"].float()
@@ -382,14 +383,15 @@ class PPOTrainer:
         tokens of the frames ``first`` (the first minibatch's newest) with the encoder's
         gradient: the first minibatch encodes them at these parameters anyway, so their
         detached values serve as older tokens, and only the other frames are encoded here."""
-        newest = self.agent.encode(frames[first].to(self.device))
+        newest = self.agent.encode(frames.index_select(0, first).to(self.device))
         rest = torch.ones(len(frames), dtype=torch.bool)
         rest[first] = False
         rest = rest.nonzero().squeeze(1)
         older = torch.empty(len(frames), self.agent.token_dim, device=self.device)
         with torch.no_grad():
             for ids in rest.split(self.args.minibatch_size):
-                older[ids.to(self.device)] = self.agent.encode(frames[ids].to(self.device))
+                older[ids.to(self.device)] = self.agent.encode(
+                    frames.index_select(0, ids).to(self.device))
         older[first.to(self.device)] = newest.detach()
         return older, newest
 
@@ -400,7 +402,7 @@ class PPOTrainer:
         encoded now, with the encoder's gradient (or ``newest``, encoded so already), the
         older ones taken from ``older`` (the tokens of every frame, without gradient)."""
         if newest is None:
-            newest = self.agent.encode(frames[keys[:, -1]].to(self.device))
+            newest = self.agent.encode(frames.index_select(0, keys[:, -1]).to(self.device))
         if older is None:
             return newest[:, None]
         return torch.cat([older[keys[:, :-1].to(self.device)], newest[:, None]], 1)
