@@ -239,8 +239,7 @@ def test_the_bench_train_tables_in_readme_are_what_the_json_files_hold():
     """README's `bench train` rows are the committed figures, rounded as printed there."""
     readme = readme_text()
 
-    def cells(path: Path) -> str:
-        train = json.loads((RESULTS / "bench-train" / path).read_text())["train"]
+    def cells(train: dict) -> str:
         sps, ratios = {k: a["sps"] for k, a in train["agents"].items()}, train["ratios"]
         return (f"{sps['cnn']:.1f} | {sps['dense']:.1f} | {sps['moe']:.1f} | "
                 f"{ratios['moe/dense']:.2f} | {ratios['dense/cnn']:.2f} |")
@@ -250,8 +249,24 @@ def test_the_bench_train_tables_in_readme_are_what_the_json_files_hold():
     assert (f"| {main['env']['sps']:.0f} | {sps['cnn']:.0f} | {sps['dense']:.0f} | "
             f"{sps['moe']:.0f} ({main['agents']['moe']['hit_rate']:.1%}) | "
             f"{main['ratios']['moe/dense']:.2f} | {main['ratios']['dense/cnn']:.2f} |") in readme
-    for tokens, label in (("fresh", "fresh (the default)"), ("recycled", "recycled")):
-        assert f"| {label} | " + cells(Path("older-tokens") / f"{tokens}.json") in readme, tokens
+    assert main["config"]["older_tokens"] == PPOArgs().older_tokens and main["config"][
+        "newest_only"]                                      # the package's defaults
+    assert main["ratios"]["moe/dense"] >= 0.8 and main["ratios"]["dense/cnn"] >= 1.0  # issue 11
+    cnn = []
+    for tokens in ("fresh", "recycled"):
+        for block in ("every", "newest"):
+            train = json.loads((RESULTS / "bench-train" / "defaults" / f"{tokens}-{block}.json")
+                               .read_text())["train"]
+            assert (train["config"]["older_tokens"], train["config"]["newest_only"]) == (
+                tokens, block == "newest")
+            label = (f"| {tokens}{' (the default)' if tokens == 'recycled' else ''} | "
+                     f"{'newest position (the default)' if block == 'newest' else 'every position'}"
+                     " | ")
+            assert label + cells(train) in readme, (tokens, block)
+            assert (train["ratios"]["dense/cnn"] > 1) == (tokens == "recycled")   # the prose
+            cnn.append(train["agents"]["cnn"]["sps"])
+    flat = readme_text(flat=True)
+    assert f"runs between {min(cnn):.0f} and {max(cnn):.0f} SPS here" in flat
 
 
 def test_readme_lists_the_second_atari_series_runs_and_they_are_all_of_its_preset():
