@@ -37,7 +37,7 @@ from .moe.router import BALANCE_MODES, CohortTable
 from .store import RecordLayout, TieredExpertStore
 
 __all__ = ["MoERLAgentConfig", "MoERLAgent", "DenseRLAgent", "NatureCNN", "ContextWindows",
-           "CNNAgentConfig", "CNNAgent", "layer_init"]
+           "CNNAgentConfig", "CNNAgent", "layer_init", "float_channels_last"]
 
 ROUTING_MODES = ("token", "env", "cohort")
 ENCODER_INITS = ("cleanrl", "torch")
@@ -187,6 +187,15 @@ def _check_observations(obs: Tensor, config) -> None:
                          f"got {tuple(obs.shape)}")
 
 
+def float_channels_last(frames: Tensor, device=None) -> Tensor:
+    """A float32 copy of ``frames [B, C, H, W]`` (never the caller's), channels last:
+    PyTorch's CPU convolutions run faster forward and backward on that layout, and frames
+    already in it (the rollout buffer's) convert faster without naming it."""
+    if frames.is_contiguous(memory_format=torch.channels_last):
+        return frames.to(device, torch.float32, copy=True)
+    return frames.to(device, torch.float32, memory_format=torch.channels_last, copy=True)
+
+
 class NatureCNN(nn.Module):
     """The Atari encoder of Mnih et al. (2015): uint8 frames -> one ``dim`` token. ``init``
     is applied to each layer as it is made (``layer_init``: CleanRL's, in its order)."""
@@ -200,13 +209,7 @@ class NatureCNN(nn.Module):
             init(nn.Linear(64 * 7 * 7, dim)), nn.ReLU())
 
     def forward(self, obs: Tensor) -> Tensor:
-        # a copy (never the caller's), channels last: PyTorch's CPU convolutions run faster
-        # forward and backward on that layout than on the default one; frames already in it
-        # (the rollout buffer's) convert faster without naming the layout
-        x = (obs.to(torch.float32, copy=True) if obs.is_contiguous(
-            memory_format=torch.channels_last) else
-             obs.to(torch.float32, memory_format=torch.channels_last, copy=True))
-        return self.net(x.div_(255.0))
+        return self.net(float_channels_last(obs).div_(255.0))
 
 
 class ContextWindows:

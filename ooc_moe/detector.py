@@ -41,6 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .agent import float_channels_last
+
 __all__ = ["DetectorPrediction", "used_expert_targets", "EnvironmentDetector",
            "DetectorTrainer", "PlanRecord", "PrefetchPlanner", "evaluate_game_accuracy"]
 
@@ -192,16 +194,12 @@ class EnvironmentDetector(nn.Module):
                 f"{expected[2]}] (history_len={self.history_len} frames of "
                 f"{self.obs_shape}), got {tuple(x.shape)}")
         device = self.game_head.weight.device
-        # channels last: faster CPU convolutions (as in NatureCNN); frames already in that
-        # layout convert faster without naming it
-        layout = ({} if x.is_contiguous(memory_format=torch.channels_last)
-                  else {"memory_format": torch.channels_last})
         if x.dtype == torch.uint8:                               # a copy: div_ is safe
-            return x.to(device, torch.float32, **layout).div_(255.0)
+            return float_channels_last(x, device).div_(255.0)
         if not x.is_floating_point():
             raise ValueError(f"observations must be uint8 frames (or floats in [0, 1]), got "
                              f"{x.dtype}")
-        return x.to(device, torch.float32, **layout)
+        return float_channels_last(x, device)
 
     def forward(self, obs) -> tuple[Tensor, Tensor]:
         h = self.proj(self.encoder(self.prepare(obs)))                    # [B, hidden]
