@@ -349,7 +349,7 @@ class PPOTrainer:
             older, recycle = None, T > 1 and args.older_tokens == "recycled"
             batches = torch.randperm(args.batch_size).split(args.minibatch_size)
             first_newest = None
-            if T > 1:         # every frame once per epoch, without gradient (but the first)
+            if T > 1:         # the older tokens of every frame, without gradient
                 reuse = b.tokens.flatten(0, 1) if first_epoch else (self._newest if recycle
                                                                      else None)
                 if reuse is None:
